@@ -1,0 +1,656 @@
+//! FedCDD: consensus (group magnitudes, sample-weighted mean) and divergence (group
+//! directions, averaged with weights from cosine agreement), per tensor.
+//!
+//! Two forms compute the same rule:
+//! - [`StreamingFedCdd`]: two passes over the clients, one client in memory at a time, all
+//!   state in one caller-provided `f32` buffer of [`StreamingFedCdd::workspace_len`] elements
+//!   (at most `5·P + 3·G` for a tensor of `P` elements and `G` groups, whatever the number of clients).
+//! - [`fedcdd_batch`] (feature `alloc`): all clients at once, written literally after the spec
+//!   (pairwise cosines); `O(N·P)` memory. It is the cross-check of the streaming form.
+
+use crate::error::{Error, ErrorKind};
+use crate::sweep::{
+    Groups, check_finite_sumsq, check_len, group_axpy, group_axpy2, group_scale_into, group_sumsq,
+    group_sumsq_dot,
+};
+use crate::tensor::{Element, Layout, TensorRole, TensorView};
+use crate::{EPS, with_view};
+
+/// Which norms make up the consensus ("magnitude") part.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum NormAxis {
+    /// Columns of the stored tensor (`‖X[:, j]‖`).
+    #[default]
+    Column,
+    /// One norm per output unit, i.e. per row of the stored tensor (as DoRA/PEFT).
+    Row,
+    /// Per rank component: `lora_A` by rows, `lora_B` by columns (other tensors by columns).
+    Rank,
+}
+
+impl NormAxis {
+    /// The groups this axis means for a tensor of the given role.
+    pub const fn groups(self, role: TensorRole) -> Groups {
+        match (self, role) {
+            (NormAxis::Column, _) => Groups::Columns,
+            (NormAxis::Row, _) => Groups::Rows,
+            (NormAxis::Rank, TensorRole::LoraA) => Groups::Rows,
+            (NormAxis::Rank, _) => Groups::Columns,
+        }
+    }
+}
+
+/// What is decomposed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Target {
+    /// The updates `Δ_i = θ_i − G`; result `G + λ·m̄⊙D̂`.
+    #[default]
+    Delta,
+    /// The client weights `θ_i = G + Δ_i`; result `G + λ·(m̄⊙D̂ − G)` (λ = 1: `m̄⊙D̂`).
+    Weights,
+}
+
+/// How the direction weights `w_i` come from the agreement scores `v_i`.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum Weighting {
+    /// `w_i ∝ p_i·max(v_i, 0)`; falls back to `p_i` when the sum is below ε.
+    #[default]
+    PRelu,
+    /// `w_i ∝ max(v_i, 0)` (ignores sample counts); same fallback.
+    Relu,
+    /// `w_i ∝ p_i·exp(v_i/τ)`. Computed as `exp((v_i − 1)/τ)` (v ≤ 1), which cannot overflow;
+    /// when every term underflows to 0 the weights fall back to `p_i`.
+    Softmax { tau: f32 },
+    /// `w_i = p_i`: alignment off.
+    Samples,
+    /// `w_i = 1/N`.
+    Uniform,
+}
+
+impl Weighting {
+    /// Whether this weighting can fall back to `p_i`, which needs a second accumulator.
+    const fn has_fallback(self) -> bool {
+        matches!(
+            self,
+            Weighting::PRelu | Weighting::Relu | Weighting::Softmax { .. }
+        )
+    }
+
+    /// Unnormalised weight of a client with sample weight `n` and agreement `v`.
+    fn raw(self, n: f32, v: f32) -> f32 {
+        match self {
+            Weighting::PRelu => n * v.max(0.0),
+            Weighting::Relu => v.max(0.0),
+            Weighting::Softmax { tau } => n * libm::expf((v - 1.0) / tau),
+            Weighting::Samples => n,
+            Weighting::Uniform => 1.0,
+        }
+    }
+
+    /// Whether the weights must fall back to `p_i`, given `Σ raw` and `Σ n` over `count` clients.
+    fn falls_back(self, raw_sum: f32, n_sum: f32) -> bool {
+        match self {
+            Weighting::PRelu => !(raw_sum / n_sum >= EPS),
+            Weighting::Relu => !(raw_sum >= EPS),
+            Weighting::Softmax { .. } => !(raw_sum > 0.0 && raw_sum.is_finite()),
+            Weighting::Samples | Weighting::Uniform => false,
+        }
+    }
+}
+
+/// Every switch of the spec's FedCDD.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FedCddConfig {
+    pub norm_axis: NormAxis,
+    pub target: Target,
+    pub weighting: Weighting,
+    /// Re-normalise each group of the aggregated direction to unit length.
+    pub renormalize: bool,
+    /// λ, the server rate.
+    pub server_lr: f32,
+}
+
+impl Default for FedCddConfig {
+    fn default() -> Self {
+        FedCddConfig {
+            norm_axis: NormAxis::Column,
+            target: Target::Delta,
+            weighting: Weighting::PRelu,
+            renormalize: true,
+            server_lr: 1.0,
+        }
+    }
+}
+
+impl FedCddConfig {
+    pub fn validate(&self) -> Result<(), Error> {
+        if !self.server_lr.is_finite() {
+            return Err(ErrorKind::BadConfig("server_lr must be finite").into());
+        }
+        if let Weighting::Softmax { tau } = self.weighting {
+            if !(tau > 0.0 && tau.is_finite()) {
+                return Err(ErrorKind::BadConfig("softmax temperature must be > 0").into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sample weight check shared by every rule: finite and `>= 0`.
+pub(crate) fn check_weight(n: f32) -> Result<(), Error> {
+    if n.is_finite() && n >= 0.0 {
+        Ok(())
+    } else {
+        Err(ErrorKind::BadWeight.into())
+    }
+}
+
+/// What pass 2 learned about one client.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ClientAgreement {
+    /// `v_i`: mean cosine similarity of this client's direction to the others'.
+    pub v: f32,
+    /// Unnormalised direction weight (normalised by [`FedCddSummary::weight_sum`]).
+    pub raw_weight: f32,
+}
+
+/// What [`StreamingFedCdd::finish`] reports.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FedCddSummary {
+    pub clients: usize,
+    /// Sum of the unnormalised direction weights (before any fallback).
+    pub weight_sum: f32,
+    /// True when the agreement weights summed below ε and `w_i = p_i` was used.
+    pub fell_back: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Pass1,
+    Pass2,
+}
+
+/// The two-pass streaming form of FedCDD for one tensor.
+///
+/// Call [`pass1`](Self::pass1) for every client, then [`pass2`](Self::pass2) for the same
+/// clients with the same weights (any order), then [`finish`](Self::finish).
+/// A client rejected by a pass leaves the state untouched (its data is validated before
+/// anything is accumulated): skip it in the other pass too.
+///
+/// Memory: the `workspace` slice only ([`workspace_len`](Self::workspace_len) f32s, at most
+/// `5·P + 3·G`); nothing grows with the number of clients. Each pass reads a client's tensor
+/// twice back to back (norms, then accumulation), so the second read comes from cache.
+pub struct StreamingFedCdd<'w, 'g> {
+    cfg: FedCddConfig,
+    layout: Layout,
+    groups: Groups,
+    global: TensorView<'g>,
+    phase: Phase,
+    // Accumulators, all carved out of the caller's workspace.
+    unit_sum: &'w mut [f32],     // U = Σ û_i                      (P)
+    dir_acc: &'w mut [f32],      // Σ raw_i · D_i                  (P)
+    dir_fallback: &'w mut [f32], // Σ n_i · D_i, if weighting has a fallback (P or 0)
+    global_f32: &'w mut [f32],   // G in f32, for target = weights   (P or 0)
+    theta: &'w mut [f32],        // θ_i scratch, for target = weights (P or 0)
+    mag_acc: &'w mut [f32],      // Σ n_i · m_i                    (G)
+    sq: &'w mut [f32],           // per-client group sums of squares (G)
+    dot: &'w mut [f32],          // per-client group dots / coefficients (G)
+    count1: usize,
+    count2: usize,
+    n_sum1: f32,
+    n_sum2: f32,
+    raw_sum: f32,
+}
+
+impl<'w, 'g> StreamingFedCdd<'w, 'g> {
+    /// Number of f32 elements the workspace needs for this tensor and configuration.
+    pub fn workspace_len(cfg: &FedCddConfig, layout: &Layout) -> usize {
+        let p = layout.len();
+        let g = cfg.norm_axis.groups(layout.role).count(layout);
+        let fallback = if cfg.weighting.has_fallback() { p } else { 0 };
+        let weights = if cfg.target == Target::Weights {
+            2 * p
+        } else {
+            0
+        };
+        2 * p + fallback + weights + 3 * g
+    }
+
+    /// Starts the aggregation of one tensor whose current global value is `global`.
+    pub fn new(
+        cfg: FedCddConfig,
+        layout: Layout,
+        global: TensorView<'g>,
+        workspace: &'w mut [f32],
+    ) -> Result<Self, Error> {
+        cfg.validate()?;
+        check_len(layout.len(), global.len())?;
+        let needed = Self::workspace_len(&cfg, &layout);
+        if workspace.len() < needed {
+            return Err(ErrorKind::BufferTooSmall { needed }.into());
+        }
+        let p = layout.len();
+        let groups = cfg.norm_axis.groups(layout.role);
+        let g = groups.count(&layout);
+        let (unit_sum, rest) = workspace.split_at_mut(p);
+        let (dir_acc, rest) = rest.split_at_mut(p);
+        let (dir_fallback, rest) =
+            rest.split_at_mut(if cfg.weighting.has_fallback() { p } else { 0 });
+        let wp = if cfg.target == Target::Weights { p } else { 0 };
+        let (global_f32, rest) = rest.split_at_mut(wp);
+        let (theta, rest) = rest.split_at_mut(wp);
+        let (mag_acc, rest) = rest.split_at_mut(g);
+        let (sq, rest) = rest.split_at_mut(g);
+        let (dot, _) = rest.split_at_mut(g);
+        for buf in [
+            &mut *unit_sum,
+            &mut *dir_acc,
+            &mut *dir_fallback,
+            &mut *mag_acc,
+        ] {
+            buf.fill(0.0);
+        }
+        if cfg.target == Target::Weights {
+            with_view!(global, |s| {
+                for (o, v) in global_f32.iter_mut().zip(s.iter()) {
+                    *o = v.to_f32();
+                }
+            });
+            crate::sweep::check_all_finite(&*global_f32)?;
+        }
+        Ok(StreamingFedCdd {
+            cfg,
+            layout,
+            groups,
+            global,
+            phase: Phase::Pass1,
+            unit_sum,
+            dir_acc,
+            dir_fallback,
+            global_f32,
+            theta,
+            mag_acc,
+            sq,
+            dot,
+            count1: 0,
+            count2: 0,
+            n_sum1: 0.0,
+            n_sum2: 0.0,
+            raw_sum: 0.0,
+        })
+    }
+
+    /// Pass 1 for one client: accumulates `Σ n_i m_i` and `U = Σ û_i`.
+    /// `client` only labels errors; `n` is the client's sample count (any positive scale).
+    pub fn pass1(&mut self, client: u32, n: f32, update: TensorView<'_>) -> Result<(), Error> {
+        self.pass1_inner(n, update)
+            .map_err(|e| e.with_client(client))
+    }
+
+    fn pass1_inner(&mut self, n: f32, update: TensorView<'_>) -> Result<(), Error> {
+        if self.phase != Phase::Pass1 {
+            return Err(ErrorKind::Protocol("pass1 after pass2 began").into());
+        }
+        check_weight(n)?;
+        check_len(self.layout.len(), update.len())?;
+        if self.cfg.target == Target::Weights {
+            with_view!(update, |s| load_theta(s, self.global_f32, self.theta));
+            let theta = core::mem::take(&mut self.theta);
+            let result = self.pass1_typed(n, &*theta);
+            self.theta = theta;
+            result
+        } else {
+            with_view!(update, |s| self.pass1_typed(n, s))
+        }
+    }
+
+    fn pass1_typed<T: Element>(&mut self, n: f32, x: &[T]) -> Result<(), Error> {
+        group_sumsq(x, &self.layout, self.groups, self.sq);
+        check_finite_sumsq(x, self.sq)?;
+        // From here on nothing fails: the client is counted.
+        let dnorm = inverse_norms(self.sq, self.dot);
+        for (m, s) in self.mag_acc.iter_mut().zip(self.sq.iter()) {
+            *m += n * libm::sqrtf(*s);
+        }
+        if dnorm > 0.0 {
+            let inv_d = 1.0 / dnorm;
+            for c in self.dot.iter_mut() {
+                *c *= inv_d;
+            }
+            group_axpy(x, &self.layout, self.groups, self.dot, self.unit_sum);
+        }
+        self.count1 += 1;
+        self.n_sum1 += n;
+        Ok(())
+    }
+
+    /// Pass 2 for one client (same weight as in pass 1): computes its agreement `v_i` with the
+    /// others from `U`, and accumulates its direction with weight `w_i`.
+    pub fn pass2(
+        &mut self,
+        client: u32,
+        n: f32,
+        update: TensorView<'_>,
+    ) -> Result<ClientAgreement, Error> {
+        self.pass2_inner(n, update)
+            .map_err(|e| e.with_client(client))
+    }
+
+    fn pass2_inner(&mut self, n: f32, update: TensorView<'_>) -> Result<ClientAgreement, Error> {
+        if self.phase == Phase::Pass1 {
+            if self.count1 == 0 {
+                return Err(ErrorKind::NoClients.into());
+            }
+            self.phase = Phase::Pass2;
+        }
+        check_weight(n)?;
+        check_len(self.layout.len(), update.len())?;
+        if self.cfg.target == Target::Weights {
+            with_view!(update, |s| load_theta(s, self.global_f32, self.theta));
+            let theta = core::mem::take(&mut self.theta);
+            let result = self.pass2_typed(n, &*theta);
+            self.theta = theta;
+            result
+        } else {
+            with_view!(update, |s| self.pass2_typed(n, s))
+        }
+    }
+
+    fn pass2_typed<T: Element>(&mut self, n: f32, x: &[T]) -> Result<ClientAgreement, Error> {
+        group_sumsq_dot(
+            x,
+            self.unit_sum,
+            &self.layout,
+            self.groups,
+            self.sq,
+            self.dot,
+        );
+        check_finite_sumsq(x, self.sq)?;
+        // dot[g] = ⟨X_g, U_g⟩; turn sq into 1/max(m, ε) and fold the dots.
+        let mut dsq = 0.0f32;
+        let mut udot = 0.0f32;
+        for (s, d) in self.sq.iter_mut().zip(self.dot.iter()) {
+            let m = libm::sqrtf(*s);
+            let inv = 1.0 / m.max(EPS);
+            let unit = m * inv;
+            dsq += unit * unit;
+            udot += inv * d;
+            *s = inv;
+        }
+        let dnorm = libm::sqrtf(dsq);
+        let count = self.count1;
+        let v = if dnorm > 0.0 && count > 1 {
+            // Σ_{k≠i} ⟨û_i, û_k⟩ = ⟨û_i, U⟩ − ‖û_i‖², and ‖û_i‖ = 1.
+            (udot / dnorm - 1.0) / (count - 1) as f32
+        } else {
+            0.0
+        };
+        let raw = if count == 1 {
+            1.0
+        } else {
+            self.cfg.weighting.raw(n, v)
+        };
+        let inv = &*self.sq;
+        if self.cfg.weighting.has_fallback() {
+            group_axpy2(
+                x,
+                &self.layout,
+                self.groups,
+                inv,
+                (raw, self.dir_acc),
+                (n, self.dir_fallback),
+            );
+        } else {
+            for c in self.dot.iter_mut().zip(inv) {
+                *c.0 = raw * c.1;
+            }
+            group_axpy(x, &self.layout, self.groups, self.dot, self.dir_acc);
+        }
+        self.count2 += 1;
+        self.n_sum2 += n;
+        self.raw_sum += raw;
+        Ok(ClientAgreement { v, raw_weight: raw })
+    }
+
+    /// Writes the new global tensor (f32) into `out` (length P).
+    pub fn finish(self, out: &mut [f32]) -> Result<FedCddSummary, Error> {
+        check_len(self.layout.len(), out.len())?;
+        if self.count1 == 0 {
+            return Err(ErrorKind::NoClients.into());
+        }
+        if self.phase != Phase::Pass2
+            || self.count2 != self.count1
+            || !(libm::fabsf(self.n_sum2 - self.n_sum1) <= 1e-5 * self.n_sum1)
+        {
+            return Err(ErrorKind::PassMismatch.into());
+        }
+        if !(self.n_sum1 > 0.0) {
+            return Err(ErrorKind::BadWeight.into());
+        }
+        let fell_back = self.count1 > 1 && self.cfg.weighting.falls_back(self.raw_sum, self.n_sum1);
+        let (dir, wsum): (&mut [f32], f32) = if fell_back {
+            (self.dir_fallback, self.n_sum1)
+        } else {
+            (self.dir_acc, self.raw_sum)
+        };
+        let inv_wsum = 1.0 / wsum;
+        // m̄ (per group) into `dot`.
+        let inv_n = 1.0 / self.n_sum1;
+        for (c, m) in self.dot.iter_mut().zip(self.mag_acc.iter()) {
+            *c = m * inv_n;
+        }
+        // Coefficient per group: m̄_g / max(‖D̄_g‖, ε) with D̄ = dir / wsum.
+        if self.cfg.renormalize {
+            group_sumsq(&*dir, &self.layout, self.groups, self.sq);
+            for (c, s) in self.dot.iter_mut().zip(self.sq.iter()) {
+                let norm = libm::sqrtf(*s) * inv_wsum;
+                *c *= inv_wsum / norm.max(EPS);
+            }
+        } else {
+            for c in self.dot.iter_mut() {
+                *c *= inv_wsum;
+            }
+        }
+        group_scale_into(dir, &self.layout, self.groups, self.dot, out);
+        let lr = self.cfg.server_lr;
+        match self.cfg.target {
+            Target::Delta => with_view!(self.global, |s| {
+                for (o, g) in out.iter_mut().zip(s.iter()) {
+                    *o = g.to_f32() + lr * *o;
+                }
+            }),
+            Target::Weights => {
+                for (o, g) in out.iter_mut().zip(self.global_f32.iter()) {
+                    *o = g + lr * (*o - g);
+                }
+            }
+        }
+        crate::sweep::check_all_finite(&*out)?;
+        Ok(FedCddSummary {
+            clients: self.count1,
+            weight_sum: self.raw_sum,
+            fell_back,
+        })
+    }
+}
+
+/// `theta = global + update` in f32.
+fn load_theta<T: Element>(update: &[T], global: &[f32], theta: &mut [f32]) {
+    for ((t, u), g) in theta.iter_mut().zip(update).zip(global) {
+        *t = g + u.to_f32();
+    }
+}
+
+/// From group sums of squares `sq`, writes `1/max(m_g, ε)` into `inv` and returns `‖vec(D)‖`.
+fn inverse_norms(sq: &[f32], inv: &mut [f32]) -> f32 {
+    let mut dsq = 0.0f32;
+    for (i, s) in inv.iter_mut().zip(sq) {
+        let m = libm::sqrtf(*s);
+        *i = 1.0 / m.max(EPS);
+        let unit = m * *i;
+        dsq += unit * unit;
+    }
+    libm::sqrtf(dsq)
+}
+
+#[cfg(feature = "alloc")]
+pub use batch::{BatchReport, ClientInput, fedcdd_batch};
+
+#[cfg(feature = "alloc")]
+mod batch {
+    use alloc::vec;
+    use alloc::vec::Vec;
+
+    use super::*;
+
+    /// One client of a batch aggregation.
+    #[derive(Clone, Copy, Debug)]
+    pub struct ClientInput<'a> {
+        /// Labels errors.
+        pub id: u32,
+        /// Sample count `n_i`.
+        pub samples: f32,
+        pub update: TensorView<'a>,
+    }
+
+    /// Per-client quantities of a batch aggregation.
+    #[derive(Clone, Debug, PartialEq)]
+    pub struct BatchReport {
+        /// `v_i`.
+        pub agreement: Vec<f32>,
+        /// Normalised direction weights `w_i` actually used.
+        pub weights: Vec<f32>,
+        pub fell_back: bool,
+    }
+
+    /// FedCDD over all clients at once, written after the spec's formulas (pairwise cosines).
+    /// Memory: `O(N·P)`. Writes the new global tensor (f32) into `out`.
+    pub fn fedcdd_batch(
+        cfg: &FedCddConfig,
+        layout: Layout,
+        global: TensorView<'_>,
+        clients: &[ClientInput<'_>],
+        out: &mut [f32],
+    ) -> Result<BatchReport, Error> {
+        cfg.validate()?;
+        let p = layout.len();
+        check_len(p, global.len())?;
+        check_len(p, out.len())?;
+        if clients.is_empty() {
+            return Err(ErrorKind::NoClients.into());
+        }
+        let groups = cfg.norm_axis.groups(layout.role);
+        let ng = groups.count(&layout);
+        let g: Vec<f32> = (0..p).map(|i| global.get(i)).collect();
+        crate::sweep::check_all_finite(&g[..])?;
+
+        let mut n_sum = 0.0f32;
+        let mut mags: Vec<Vec<f32>> = Vec::with_capacity(clients.len());
+        let mut dirs: Vec<Vec<f32>> = Vec::with_capacity(clients.len());
+        for c in clients {
+            let fail = |e: Error| e.with_client(c.id);
+            check_weight(c.samples).map_err(fail)?;
+            check_len(p, c.update.len()).map_err(fail)?;
+            let mut x: Vec<f32> = (0..p).map(|i| c.update.get(i)).collect();
+            if cfg.target == Target::Weights {
+                for (v, gv) in x.iter_mut().zip(&g) {
+                    *v += gv;
+                }
+            }
+            let mut sq = vec![0.0; ng];
+            group_sumsq(&x[..], &layout, groups, &mut sq);
+            check_finite_sumsq(&x[..], &sq).map_err(fail)?;
+            let m: Vec<f32> = sq.iter().map(|s| libm::sqrtf(*s)).collect();
+            let inv: Vec<f32> = m.iter().map(|m| 1.0 / m.max(EPS)).collect();
+            let mut d = vec![0.0; p];
+            group_scale_into(&x, &layout, groups, &inv, &mut d);
+            n_sum += c.samples;
+            mags.push(m);
+            dirs.push(d);
+        }
+        if !(n_sum > 0.0) {
+            return Err(ErrorKind::BadWeight.into());
+        }
+        let nc = clients.len();
+        let p_i: Vec<f32> = clients.iter().map(|c| c.samples / n_sum).collect();
+
+        // v_i = 1/(N−1) Σ_{k≠i} ⟨û_i, û_k⟩.
+        let units: Vec<Vec<f32>> = dirs
+            .iter()
+            .map(|d| {
+                let norm = libm::sqrtf(d.iter().map(|v| v * v).sum::<f32>());
+                if norm > 0.0 {
+                    d.iter().map(|v| v / norm).collect()
+                } else {
+                    vec![0.0; p]
+                }
+            })
+            .collect();
+        let mut agreement = vec![0.0f32; nc];
+        if nc > 1 {
+            for i in 0..nc {
+                let mut s = 0.0f32;
+                for k in 0..nc {
+                    if k != i {
+                        s += units[i]
+                            .iter()
+                            .zip(&units[k])
+                            .map(|(a, b)| a * b)
+                            .sum::<f32>();
+                    }
+                }
+                agreement[i] = s / (nc - 1) as f32;
+            }
+        }
+        let raw: Vec<f32> = if nc == 1 {
+            vec![1.0]
+        } else {
+            (0..nc)
+                .map(|i| cfg.weighting.raw(clients[i].samples, agreement[i]))
+                .collect()
+        };
+        let raw_sum: f32 = raw.iter().sum();
+        let fell_back = nc > 1 && cfg.weighting.falls_back(raw_sum, n_sum);
+        let weights: Vec<f32> = if fell_back {
+            p_i.clone()
+        } else {
+            raw.iter().map(|r| r / raw_sum).collect()
+        };
+
+        // m̄ and D̄.
+        let mut mbar = vec![0.0f32; ng];
+        for (m, pi) in mags.iter().zip(&p_i) {
+            for (a, v) in mbar.iter_mut().zip(m) {
+                *a += pi * v;
+            }
+        }
+        let mut dbar = vec![0.0f32; p];
+        for (d, w) in dirs.iter().zip(&weights) {
+            for (a, v) in dbar.iter_mut().zip(d) {
+                *a += w * v;
+            }
+        }
+        let mut coef = mbar;
+        if cfg.renormalize {
+            let mut sq = vec![0.0; ng];
+            group_sumsq(&dbar[..], &layout, groups, &mut sq);
+            for (c, s) in coef.iter_mut().zip(&sq) {
+                *c /= libm::sqrtf(*s).max(EPS);
+            }
+        }
+        group_scale_into(&dbar, &layout, groups, &coef, out);
+        let lr = cfg.server_lr;
+        for (o, gv) in out.iter_mut().zip(&g) {
+            *o = match cfg.target {
+                Target::Delta => gv + lr * *o,
+                Target::Weights => gv + lr * (*o - gv),
+            };
+        }
+        crate::sweep::check_all_finite(&*out)?;
+        Ok(BatchReport {
+            agreement,
+            weights,
+            fell_back,
+        })
+    }
+}

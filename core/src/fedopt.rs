@@ -1,0 +1,464 @@
+//! The baselines' server rules (FedAvg, FedAvgM, FedAdagrad, FedYogi, FedAdam — Reddi et al.
+//! 2021, plus OpenFedLLM's variant behind a switch), SCAFFOLD's server and client updates,
+//! FedProx's proximal gradient, and the tensor selection of FFA-LoRA and FedSA-LoRA.
+//! All per tensor, slices in and out, no allocation.
+
+use crate::error::{Error, ErrorKind};
+use crate::fedcdd::check_weight;
+use crate::sweep::{check_all_finite, check_len};
+use crate::tensor::{Element, TensorRole, TensorView};
+use crate::with_view;
+
+/// Every algorithm the project knows, by its CLI/config name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Algorithm {
+    FedAvg,
+    FedProx,
+    Scaffold,
+    FedAvgM,
+    FedAdagrad,
+    FedYogi,
+    FedAdam,
+    FfaLora,
+    FedSaLora,
+    FLora,
+    FedCdd,
+}
+
+impl Algorithm {
+    pub const ALL: [Algorithm; 11] = [
+        Algorithm::FedAvg,
+        Algorithm::FedProx,
+        Algorithm::Scaffold,
+        Algorithm::FedAvgM,
+        Algorithm::FedAdagrad,
+        Algorithm::FedYogi,
+        Algorithm::FedAdam,
+        Algorithm::FfaLora,
+        Algorithm::FedSaLora,
+        Algorithm::FLora,
+        Algorithm::FedCdd,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Algorithm::FedAvg => "fedavg",
+            Algorithm::FedProx => "fedprox",
+            Algorithm::Scaffold => "scaffold",
+            Algorithm::FedAvgM => "fedavgm",
+            Algorithm::FedAdagrad => "fedadagrad",
+            Algorithm::FedYogi => "fedyogi",
+            Algorithm::FedAdam => "fedadam",
+            Algorithm::FfaLora => "ffa-lora",
+            Algorithm::FedSaLora => "fedsa-lora",
+            Algorithm::FLora => "flora",
+            Algorithm::FedCdd => "fedcdd",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Algorithm> {
+        Algorithm::ALL.into_iter().find(|a| a.name() == name)
+    }
+
+    /// Whether the server aggregates tensors of this role. FFA-LoRA trains and sends only
+    /// `lora_B` (A stays at its shared init); FedSA-LoRA shares only `lora_A` (each B stays on
+    /// its client). Tensors not aggregated keep the global value.
+    pub const fn aggregates(self, role: TensorRole) -> bool {
+        match self {
+            Algorithm::FfaLora => !matches!(role, TensorRole::LoraA),
+            Algorithm::FedSaLora => !matches!(role, TensorRole::LoraB),
+            _ => true,
+        }
+    }
+
+    /// The server optimiser this algorithm uses on `Δ̄` (FedCDD and FLoRA have their own rules).
+    pub const fn server_opt(self) -> Option<ServerOpt> {
+        match self {
+            Algorithm::FedAvg
+            | Algorithm::FedProx
+            | Algorithm::Scaffold
+            | Algorithm::FfaLora
+            | Algorithm::FedSaLora => Some(ServerOpt::FedAvg),
+            Algorithm::FedAvgM => Some(ServerOpt::FedAvgM),
+            Algorithm::FedAdagrad => Some(ServerOpt::FedAdagrad),
+            Algorithm::FedYogi => Some(ServerOpt::FedYogi),
+            Algorithm::FedAdam => Some(ServerOpt::FedAdam),
+            Algorithm::FLora | Algorithm::FedCdd => None,
+        }
+    }
+}
+
+/// A server update rule on the mean client update `Δ̄`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerOpt {
+    /// `G ← G + λ·Δ̄` (λ = 1: `Σ p_i θ_i`).
+    FedAvg,
+    /// `m ← β·m + Δ̄; G ← G + λ·m` (β = `beta1`).
+    FedAvgM,
+    /// `v ← v + Δ̄²; G ← G + λ·Δ̄/(√v + τ)`.
+    FedAdagrad,
+    /// `m ← β1 m + (1−β1)Δ̄; v ← v − (1−β2)Δ̄²·sign(v − Δ̄²); G ← G + λ·m/(√v + τ)`.
+    FedYogi,
+    /// `m ← β1 m + (1−β1)Δ̄; v ← β2 v + (1−β2)Δ̄²; G ← G + λ·m/(√v + τ)`.
+    FedAdam,
+}
+
+/// Which reading of the FedOpt rules.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FedOptVariant {
+    /// Reddi et al. 2021 as in the spec's table.
+    #[default]
+    Reddi,
+    /// As OpenFedLLM's server code: `Δ̄` is the uniform mean of the client updates, the first
+    /// round sets `m = Δ̄`, the second moment is fed `m²` instead of `Δ̄²` (Adagrad included,
+    /// which then also keeps `m`), and FedAvgM's momentum is an average:
+    /// `m ← β m + (1−β)Δ̄; G ← G + m`.
+    OpenFedLlm,
+}
+
+/// Hyper-parameters of a [`ServerOpt`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ServerOptConfig {
+    pub rule: ServerOpt,
+    /// λ / η, the server rate.
+    pub server_lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub tau: f32,
+    pub variant: FedOptVariant,
+}
+
+impl ServerOptConfig {
+    /// The spec's defaults for `rule`: FedAvg/FedAvgM λ = 1, FedOpt η = 1e-3; β1 = 0.9,
+    /// β2 = 0.99, τ = 1e-3.
+    pub const fn defaults(rule: ServerOpt) -> Self {
+        let server_lr = match rule {
+            ServerOpt::FedAvg | ServerOpt::FedAvgM => 1.0,
+            _ => 1e-3,
+        };
+        ServerOptConfig {
+            rule,
+            server_lr,
+            beta1: 0.9,
+            beta2: 0.99,
+            tau: 1e-3,
+            variant: FedOptVariant::Reddi,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), Error> {
+        let unit = |b: f32| (0.0..=1.0).contains(&b);
+        if !self.server_lr.is_finite() {
+            return Err(ErrorKind::BadConfig("server_lr must be finite").into());
+        }
+        if !unit(self.beta1) || !unit(self.beta2) {
+            return Err(ErrorKind::BadConfig("beta1 and beta2 must be in [0, 1]").into());
+        }
+        if !(self.tau > 0.0 && self.tau.is_finite()) {
+            return Err(ErrorKind::BadConfig("tau must be > 0").into());
+        }
+        Ok(())
+    }
+
+    /// Whether the rule keeps a first moment `m` / a second moment `v`.
+    pub const fn state_slots(&self) -> (bool, bool) {
+        match (self.rule, self.variant) {
+            (ServerOpt::FedAvg, _) => (false, false),
+            (ServerOpt::FedAvgM, _) => (true, false),
+            (ServerOpt::FedAdagrad, FedOptVariant::Reddi) => (false, true),
+            (ServerOpt::FedAdagrad, FedOptVariant::OpenFedLlm) => (true, true),
+            (ServerOpt::FedYogi | ServerOpt::FedAdam, _) => (true, true),
+        }
+    }
+
+    /// The aggregation weight of a client with `n` samples: `n`, or 1 under OpenFedLLM's
+    /// uniform FedOpt mean.
+    pub fn client_weight(&self, n: f32) -> f32 {
+        match (self.variant, self.rule) {
+            (
+                FedOptVariant::OpenFedLlm,
+                ServerOpt::FedAdagrad | ServerOpt::FedYogi | ServerOpt::FedAdam,
+            ) => 1.0,
+            _ => n,
+        }
+    }
+}
+
+/// Server state of one tensor: first and second moments (empty slices where the rule has
+/// none) and the number of server steps taken so far. The caller owns and persists it.
+pub struct ServerState<'s> {
+    pub m: &'s mut [f32],
+    pub v: &'s mut [f32],
+    pub steps: u64,
+}
+
+/// Sets a fresh state: `m = 0`, `v = τ²` (Reddi et al.'s `v₀`).
+pub fn init_server_state(cfg: &ServerOptConfig, m: &mut [f32], v: &mut [f32]) {
+    m.fill(0.0);
+    v.fill(cfg.tau * cfg.tau);
+}
+
+/// Weighted mean of client tensors, one client at a time. Memory: the caller's `P` floats.
+pub struct MeanAccumulator<'w> {
+    acc: &'w mut [f32],
+    count: usize,
+    weight_sum: f32,
+}
+
+impl<'w> MeanAccumulator<'w> {
+    /// Uses `acc` (zeroed here) as the running sum.
+    pub fn new(acc: &'w mut [f32]) -> Self {
+        acc.fill(0.0);
+        MeanAccumulator {
+            acc,
+            count: 0,
+            weight_sum: 0.0,
+        }
+    }
+
+    /// Adds `weight · x`. The client's values are checked before anything is added, so a
+    /// rejected client leaves the sum as it was.
+    pub fn add(&mut self, client: u32, weight: f32, x: TensorView<'_>) -> Result<(), Error> {
+        let fail = |e: Error| e.with_client(client);
+        check_weight(weight).map_err(fail)?;
+        check_len(self.acc.len(), x.len()).map_err(fail)?;
+        with_view!(x, |s| {
+            check_all_finite(s).map_err(fail)?;
+            for (a, v) in self.acc.iter_mut().zip(s.iter()) {
+                *a += weight * v.to_f32();
+            }
+        });
+        self.count += 1;
+        self.weight_sum += weight;
+        Ok(())
+    }
+
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// Writes `Σ w_i x_i / Σ w_i` into `out`.
+    pub fn mean_into(&self, out: &mut [f32]) -> Result<(), Error> {
+        check_len(self.acc.len(), out.len())?;
+        if self.count == 0 {
+            return Err(ErrorKind::NoClients.into());
+        }
+        if !(self.weight_sum > 0.0) {
+            return Err(ErrorKind::BadWeight.into());
+        }
+        let inv = 1.0 / self.weight_sum;
+        for (o, a) in out.iter_mut().zip(self.acc.iter()) {
+            *o = a * inv;
+        }
+        Ok(())
+    }
+}
+
+/// One server step of `cfg.rule` on the mean update `mean_delta`: updates `state` and writes
+/// the new global tensor into `out`. `state.m`/`state.v` must have P elements where
+/// [`ServerOptConfig::state_slots`] says the rule uses them. Memory: O(1).
+pub fn apply_server_opt(
+    cfg: &ServerOptConfig,
+    state: &mut ServerState<'_>,
+    global: TensorView<'_>,
+    mean_delta: &[f32],
+    out: &mut [f32],
+) -> Result<(), Error> {
+    cfg.validate()?;
+    let p = global.len();
+    check_len(p, mean_delta.len())?;
+    check_len(p, out.len())?;
+    let (uses_m, uses_v) = cfg.state_slots();
+    if uses_m {
+        check_len(p, state.m.len())?;
+    }
+    if uses_v {
+        check_len(p, state.v.len())?;
+    }
+    check_all_finite(mean_delta)?;
+    with_view!(global, |g| {
+        for (o, v) in out.iter_mut().zip(g.iter()) {
+            *o = v.to_f32();
+        }
+    });
+    let (lr, b1, b2, tau) = (cfg.server_lr, cfg.beta1, cfg.beta2, cfg.tau);
+    let first = state.steps == 0;
+    let openfedllm = cfg.variant == FedOptVariant::OpenFedLlm;
+    // OpenFedLLM: m starts as Δ̄ and is always an average; Reddi: m starts at 0.
+    let ema = |m: f32, d: f32| {
+        if openfedllm && first {
+            d
+        } else {
+            b1 * m + (1.0 - b1) * d
+        }
+    };
+    match cfg.rule {
+        ServerOpt::FedAvg => {
+            for (o, d) in out.iter_mut().zip(mean_delta) {
+                *o += lr * d;
+            }
+        }
+        ServerOpt::FedAvgM => {
+            for ((o, d), m) in out.iter_mut().zip(mean_delta).zip(state.m.iter_mut()) {
+                if openfedllm {
+                    *m = ema(*m, *d);
+                    *o += *m;
+                } else {
+                    *m = b1 * *m + d;
+                    *o += lr * *m;
+                }
+            }
+        }
+        ServerOpt::FedAdagrad if !openfedllm => {
+            for ((o, d), v) in out.iter_mut().zip(mean_delta).zip(state.v.iter_mut()) {
+                *v += d * d;
+                *o += lr * d / (libm::sqrtf(*v) + tau);
+            }
+        }
+        ServerOpt::FedAdagrad | ServerOpt::FedYogi | ServerOpt::FedAdam => {
+            for (((o, d), m), v) in out
+                .iter_mut()
+                .zip(mean_delta)
+                .zip(state.m.iter_mut())
+                .zip(state.v.iter_mut())
+            {
+                *m = ema(*m, *d);
+                // The second moment's input: Δ̄² (Reddi) or m² (OpenFedLLM).
+                let sq = if openfedllm { *m * *m } else { d * d };
+                *v = match cfg.rule {
+                    ServerOpt::FedAdagrad => *v + sq,
+                    ServerOpt::FedYogi => *v - (1.0 - b2) * sq * sign(*v - sq),
+                    _ => b2 * *v + (1.0 - b2) * sq,
+                };
+                *o += lr * *m / (libm::sqrtf(*v) + tau);
+            }
+        }
+    }
+    state.steps += 1;
+    check_all_finite(&*out)
+}
+
+/// `sign` with `sign(0) = 0`, as `torch.sign`.
+fn sign(x: f32) -> f32 {
+    if x > 0.0 {
+        1.0
+    } else if x < 0.0 {
+        -1.0
+    } else {
+        0.0
+    }
+}
+
+/// SCAFFOLD's server step for one tensor: `G ← G + λ·Δ̄` into `out`, and
+/// `c ← c + (|S|/N_total)·mean_dc` where `mean_dc = mean_i(c_i⁺ − c_i)` over the sampled clients.
+pub fn scaffold_server_update(
+    global: TensorView<'_>,
+    mean_delta: &[f32],
+    server_lr: f32,
+    control: &mut [f32],
+    mean_control_delta: &[f32],
+    sampled: usize,
+    total_clients: usize,
+    out: &mut [f32],
+) -> Result<(), Error> {
+    let p = global.len();
+    for len in [
+        mean_delta.len(),
+        control.len(),
+        mean_control_delta.len(),
+        out.len(),
+    ] {
+        check_len(p, len)?;
+    }
+    if sampled == 0 || sampled > total_clients {
+        return Err(ErrorKind::BadConfig("sampled clients must be in 1..=total").into());
+    }
+    check_all_finite(mean_delta)?;
+    check_all_finite(mean_control_delta)?;
+    let frac = sampled as f32 / total_clients as f32;
+    with_view!(global, |g| {
+        for ((o, gv), d) in out.iter_mut().zip(g.iter()).zip(mean_delta) {
+            *o = gv.to_f32() + server_lr * d;
+        }
+    });
+    for (c, dc) in control.iter_mut().zip(mean_control_delta) {
+        *c += frac * dc;
+    }
+    Ok(())
+}
+
+/// SCAFFOLD client: corrects a local gradient in place, `grad += c − c_i`.
+pub fn scaffold_correct_gradient(
+    grad: &mut [f32],
+    control: &[f32],
+    client_control: &[f32],
+) -> Result<(), Error> {
+    check_len(grad.len(), control.len())?;
+    check_len(grad.len(), client_control.len())?;
+    for ((g, c), ci) in grad.iter_mut().zip(control).zip(client_control) {
+        *g += c - ci;
+    }
+    Ok(())
+}
+
+/// SCAFFOLD client after `steps` local steps at rate `lr` (option II of Karimireddy et al.):
+/// `c_i⁺ = c_i − c + (G − θ_i)/(K·η)`, written into `client_control` in place.
+pub fn scaffold_client_control(
+    client_control: &mut [f32],
+    control: &[f32],
+    global: &[f32],
+    local: &[f32],
+    steps: usize,
+    lr: f32,
+) -> Result<(), Error> {
+    let p = client_control.len();
+    for len in [control.len(), global.len(), local.len()] {
+        check_len(p, len)?;
+    }
+    if steps == 0 || !(lr > 0.0 && lr.is_finite()) {
+        return Err(ErrorKind::BadConfig("SCAFFOLD needs steps > 0 and lr > 0").into());
+    }
+    let inv = 1.0 / (steps as f32 * lr);
+    for (((ci, c), g), t) in client_control
+        .iter_mut()
+        .zip(control)
+        .zip(global)
+        .zip(local)
+    {
+        *ci = *ci - c + (g - t) * inv;
+    }
+    Ok(())
+}
+
+/// FedProx: adds the proximal term's gradient `μ(θ − G)` to `grad` and returns the term
+/// `(μ/2)·‖θ − G‖²` for the loss.
+pub fn fedprox_gradient(
+    grad: &mut [f32],
+    local: &[f32],
+    global: &[f32],
+    mu: f32,
+) -> Result<f32, Error> {
+    check_len(grad.len(), local.len())?;
+    check_len(grad.len(), global.len())?;
+    if !(mu >= 0.0 && mu.is_finite()) {
+        return Err(ErrorKind::BadConfig("FedProx mu must be finite and >= 0").into());
+    }
+    let mut sq = 0.0f32;
+    for ((gr, t), g) in grad.iter_mut().zip(local).zip(global) {
+        let d = t - g;
+        *gr += mu * d;
+        sq += d * d;
+    }
+    Ok(0.5 * mu * sq)
+}
+
+/// Widens any tensor into an f32 slice (helper for callers that mix dtypes).
+pub fn widen_into(x: TensorView<'_>, out: &mut [f32]) -> Result<(), Error> {
+    check_len(x.len(), out.len())?;
+    with_view!(x, |s| {
+        for (o, v) in out.iter_mut().zip(s.iter()) {
+            *o = Element::to_f32(*v);
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,39 @@
+//! # fedcdd-core
+//!
+//! The federated math of FedCDD and its baselines, the client-side Gaussian-noise mask and
+//! the wire format of a client upload. `#![no_std]`, no allocator needed: every function takes
+//! caller-provided buffers, documents its memory bound and returns `Result` on bad input.
+//! The normative description is the project's `fedcdd-spec.md`.
+#![no_std]
+#![forbid(unsafe_code)]
+
+#[cfg(feature = "alloc")]
+extern crate alloc;
+
+pub mod error;
+pub mod fedcdd;
+pub mod fedopt;
+pub mod mask;
+pub mod sweep;
+pub mod tensor;
+pub mod wire;
+
+pub use error::{Error, ErrorKind};
+#[cfg(feature = "alloc")]
+pub use fedcdd::{BatchReport, ClientInput, fedcdd_batch};
+pub use fedcdd::{
+    ClientAgreement, FedCddConfig, FedCddSummary, NormAxis, StreamingFedCdd, Target, Weighting,
+};
+pub use fedopt::{
+    Algorithm, FedOptVariant, MeanAccumulator, ServerOpt, ServerOptConfig, ServerState,
+    apply_server_opt, fedprox_gradient, init_server_state, scaffold_client_control,
+    scaffold_correct_gradient, scaffold_server_update,
+};
+pub use half::{bf16, f16};
+pub use mask::{Importance, MaskConfig, MaskScratch, MaskedSummary, mask_encode, mask_reconstruct};
+pub use sweep::Groups;
+pub use tensor::{DType, Element, Layout, MAX_DIMS, TensorRole, TensorView};
+pub use wire::{Payload, TensorRecord, Upload, UploadHeader, UploadWriter};
+
+/// ε of the spec: the floor of every norm we divide by.
+pub const EPS: f32 = 1e-8;

@@ -1,0 +1,270 @@
+//! The inner loops every rule is built from: per-group sums of squares and dot products, and
+//! group-scaled accumulation. A "group" is a column or a row of the row-major matrix.
+//! Each function reads its input once, front to back, so a tensor streams through the cache.
+
+use crate::error::{Error, ErrorKind};
+use crate::tensor::{Element, Layout};
+
+/// Which way the norm groups run through a row-major `rows × cols` matrix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Groups {
+    /// One group per column (`‖X[:, j]‖`): `cols` groups.
+    Columns,
+    /// One group per row (`‖X[i, :]‖`): `rows` groups.
+    Rows,
+}
+
+impl Groups {
+    /// Number of groups of this kind in `layout`.
+    pub const fn count(self, layout: &Layout) -> usize {
+        match self {
+            Groups::Columns => layout.cols,
+            Groups::Rows => layout.rows,
+        }
+    }
+}
+
+/// `sq[g] = Σ x²` over each group. `sq.len()` must be the group count.
+pub(crate) fn group_sumsq<T: Element>(x: &[T], layout: &Layout, groups: Groups, sq: &mut [f32]) {
+    sq.fill(0.0);
+    match groups {
+        Groups::Columns => {
+            for row in x.chunks_exact(layout.cols) {
+                for (s, v) in sq.iter_mut().zip(row) {
+                    let v = v.to_f32();
+                    *s += v * v;
+                }
+            }
+        }
+        Groups::Rows => {
+            for (s, row) in sq.iter_mut().zip(x.chunks_exact(layout.cols)) {
+                *s = sum_squares_row(row);
+            }
+        }
+    }
+}
+
+/// `sq[g] = Σ x²` and `dot[g] = Σ x·u` over each group, in one read of `x`.
+pub(crate) fn group_sumsq_dot<T: Element>(
+    x: &[T],
+    u: &[f32],
+    layout: &Layout,
+    groups: Groups,
+    sq: &mut [f32],
+    dot: &mut [f32],
+) {
+    sq.fill(0.0);
+    dot.fill(0.0);
+    let cols = layout.cols;
+    match groups {
+        Groups::Columns => {
+            for (row, urow) in x.chunks_exact(cols).zip(u.chunks_exact(cols)) {
+                for (((s, d), v), w) in sq.iter_mut().zip(dot.iter_mut()).zip(row).zip(urow) {
+                    let v = v.to_f32();
+                    *s += v * v;
+                    *d += v * w;
+                }
+            }
+        }
+        Groups::Rows => {
+            for (((s, d), row), urow) in sq
+                .iter_mut()
+                .zip(dot.iter_mut())
+                .zip(x.chunks_exact(cols))
+                .zip(u.chunks_exact(cols))
+            {
+                let (a, b) = sum_squares_dot_row(row, urow);
+                *s = a;
+                *d = b;
+            }
+        }
+    }
+}
+
+/// `acc[i] += coef[g(i)] · x[i]`, where `g(i)` is the group of element `i`.
+pub(crate) fn group_axpy<T: Element>(
+    x: &[T],
+    layout: &Layout,
+    groups: Groups,
+    coef: &[f32],
+    acc: &mut [f32],
+) {
+    let cols = layout.cols;
+    match groups {
+        Groups::Columns => {
+            for (row, arow) in x.chunks_exact(cols).zip(acc.chunks_exact_mut(cols)) {
+                for ((a, v), c) in arow.iter_mut().zip(row).zip(coef) {
+                    *a += c * v.to_f32();
+                }
+            }
+        }
+        Groups::Rows => {
+            for ((row, arow), &c) in x
+                .chunks_exact(cols)
+                .zip(acc.chunks_exact_mut(cols))
+                .zip(coef)
+            {
+                for (a, v) in arow.iter_mut().zip(row) {
+                    *a += c * v.to_f32();
+                }
+            }
+        }
+    }
+}
+
+/// Two accumulations in one read of `x`: `acc1 += k1·coef[g]·x`, `acc2 += k2·coef[g]·x`.
+pub(crate) fn group_axpy2<T: Element>(
+    x: &[T],
+    layout: &Layout,
+    groups: Groups,
+    coef: &[f32],
+    (k1, acc1): (f32, &mut [f32]),
+    (k2, acc2): (f32, &mut [f32]),
+) {
+    let cols = layout.cols;
+    match groups {
+        Groups::Columns => {
+            for ((row, a1), a2) in x
+                .chunks_exact(cols)
+                .zip(acc1.chunks_exact_mut(cols))
+                .zip(acc2.chunks_exact_mut(cols))
+            {
+                for (((p, q), v), c) in a1.iter_mut().zip(a2.iter_mut()).zip(row).zip(coef) {
+                    let d = c * v.to_f32();
+                    *p += k1 * d;
+                    *q += k2 * d;
+                }
+            }
+        }
+        Groups::Rows => {
+            for (((row, a1), a2), &c) in x
+                .chunks_exact(cols)
+                .zip(acc1.chunks_exact_mut(cols))
+                .zip(acc2.chunks_exact_mut(cols))
+                .zip(coef)
+            {
+                for ((p, q), v) in a1.iter_mut().zip(a2.iter_mut()).zip(row) {
+                    let d = c * v.to_f32();
+                    *p += k1 * d;
+                    *q += k2 * d;
+                }
+            }
+        }
+    }
+}
+
+/// `out[i] = coef[g(i)] · x[i]` for f32 `x` (used to finish a rule).
+pub(crate) fn group_scale_into(
+    x: &[f32],
+    layout: &Layout,
+    groups: Groups,
+    coef: &[f32],
+    out: &mut [f32],
+) {
+    let cols = layout.cols;
+    match groups {
+        Groups::Columns => {
+            for (row, orow) in x.chunks_exact(cols).zip(out.chunks_exact_mut(cols)) {
+                for ((o, v), c) in orow.iter_mut().zip(row).zip(coef) {
+                    *o = c * v;
+                }
+            }
+        }
+        Groups::Rows => {
+            for ((row, orow), &c) in x
+                .chunks_exact(cols)
+                .zip(out.chunks_exact_mut(cols))
+                .zip(coef)
+            {
+                for (o, v) in orow.iter_mut().zip(row) {
+                    *o = c * v;
+                }
+            }
+        }
+    }
+}
+
+/// Sum of squares of a row with eight independent accumulators, so the loop vectorises
+/// (a single running sum is a serial dependency chain).
+#[inline]
+fn sum_squares_row<T: Element>(row: &[T]) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, v) in lanes.iter_mut().zip(c) {
+            let v = v.to_f32();
+            *l += v * v;
+        }
+    }
+    let mut tail = 0.0f32;
+    for v in chunks.remainder() {
+        let v = v.to_f32();
+        tail += v * v;
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+#[inline]
+fn sum_squares_dot_row<T: Element>(row: &[T], u: &[f32]) -> (f32, f32) {
+    let mut sq = [0.0f32; 8];
+    let mut dt = [0.0f32; 8];
+    let mut xc = row.chunks_exact(8);
+    let mut uc = u.chunks_exact(8);
+    for (c, w) in (&mut xc).zip(&mut uc) {
+        for i in 0..8 {
+            let v = c[i].to_f32();
+            sq[i] += v * v;
+            dt[i] += v * w[i];
+        }
+    }
+    let (mut s, mut d) = (0.0f32, 0.0f32);
+    for (v, w) in xc.remainder().iter().zip(uc.remainder()) {
+        let v = v.to_f32();
+        s += v * v;
+        d += v * w;
+    }
+    (sq.iter().sum::<f32>() + s, dt.iter().sum::<f32>() + d)
+}
+
+/// Checks that squared group norms are finite; when one is not, finds out why: a NaN/Inf
+/// element ([`ErrorKind::NonFinite`]) or finite values whose squares overflow.
+pub(crate) fn check_finite_sumsq<T: Element>(x: &[T], sq: &[f32]) -> Result<(), Error> {
+    if sq.iter().all(|s| s.is_finite()) {
+        return Ok(());
+    }
+    Err(Error::new(
+        first_non_finite(x).map_or(ErrorKind::Overflow, |_| ErrorKind::NonFinite),
+    ))
+}
+
+/// Index of the first NaN or ±Inf element.
+pub fn first_non_finite<T: Element>(x: &[T]) -> Option<usize> {
+    x.iter().position(|v| !v.to_f32().is_finite())
+}
+
+/// Fails unless every element is finite. Reads `x` once; vectorises (no early exit per element).
+pub(crate) fn check_all_finite<T: Element>(x: &[T]) -> Result<(), Error> {
+    // x·0 is 0 for finite x and NaN otherwise: one multiply-add per element, no branch.
+    let mut lanes = [0.0f32; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, v) in lanes.iter_mut().zip(c) {
+            *l += v.to_f32() * 0.0;
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|v| v.to_f32() * 0.0).sum();
+    if (lanes.iter().sum::<f32>() + tail).is_nan() {
+        Err(Error::new(ErrorKind::NonFinite))
+    } else {
+        Ok(())
+    }
+}
+
+/// Fails unless `len` is exactly `expected`.
+pub(crate) fn check_len(expected: usize, found: usize) -> Result<(), Error> {
+    if expected == found {
+        Ok(())
+    } else {
+        Err(Error::new(ErrorKind::ShapeMismatch { expected, found }))
+    }
+}
