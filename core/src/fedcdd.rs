@@ -196,6 +196,12 @@ pub struct StreamingFedCdd<'w, 'g> {
     sq: &'w mut [f32],           // per-client group sums of squares (G)
     dot: &'w mut [f32],          // per-client group dots / coefficients (G)
     count1: usize,
+    /// Clients of pass 1 whose direction is not all zero (‖û_i‖ = 1).
+    nonzero1: usize,
+    /// Smallest sample weight of pass 1.
+    n_min1: f32,
+    /// Whether pass 2 must also accumulate `Σ n_i D_i` for the `w_i = p_i` fallback.
+    track_fallback: bool,
     count2: usize,
     n_sum1: f32,
     n_sum2: f32,
@@ -273,6 +279,9 @@ impl<'w, 'g> StreamingFedCdd<'w, 'g> {
             sq,
             dot,
             count1: 0,
+            nonzero1: 0,
+            n_min1: f32::INFINITY,
+            track_fallback: true,
             count2: 0,
             n_sum1: 0.0,
             n_sum2: 0.0,
@@ -318,8 +327,10 @@ impl<'w, 'g> StreamingFedCdd<'w, 'g> {
                 *c *= inv_d;
             }
             group_axpy(x, &self.layout, self.groups, self.dot, self.unit_sum);
+            self.nonzero1 += 1;
         }
         self.count1 += 1;
+        self.n_min1 = self.n_min1.min(n);
         self.n_sum1 += n;
         Ok(())
     }
@@ -342,6 +353,7 @@ impl<'w, 'g> StreamingFedCdd<'w, 'g> {
                 return Err(ErrorKind::NoClients.into());
             }
             self.phase = Phase::Pass2;
+            self.track_fallback = self.fallback_possible();
         }
         check_weight(n)?;
         check_len(self.layout.len(), update.len())?;
@@ -391,7 +403,7 @@ impl<'w, 'g> StreamingFedCdd<'w, 'g> {
             self.cfg.weighting.raw(n, v)
         };
         let inv = &*self.sq;
-        if self.cfg.weighting.has_fallback() {
+        if self.track_fallback {
             group_axpy2(
                 x,
                 &self.layout,
@@ -410,6 +422,29 @@ impl<'w, 'g> StreamingFedCdd<'w, 'g> {
         self.n_sum2 += n;
         self.raw_sum += raw;
         Ok(ClientAgreement { v, raw_weight: raw })
+    }
+
+    /// After pass 1: can the agreement weights still sum below ε? `Σ_i v_i` is known from
+    /// `U` alone (`Σ_i ⟨û_i, U⟩ = ‖U‖²`), and the largest `v_i` is at least the mean, so
+    /// `Σ p_i max(v_i, 0) ≥ p_min · mean(v)`. When that bound clears ε with a wide margin for
+    /// f32 rounding, pass 2 skips the second accumulator and reads a third less memory.
+    fn fallback_possible(&self) -> bool {
+        let n = self.count1;
+        if !self.cfg.weighting.has_fallback() || n <= 1 {
+            return false;
+        }
+        if let Weighting::Softmax { tau } = self.cfg.weighting {
+            // Every term is ≥ p_i·exp(−2/τ): it can only underflow when τ is tiny.
+            return tau < 0.05 || self.n_min1 <= 0.0;
+        }
+        let u_sq: f32 = self.unit_sum.iter().map(|u| u * u).sum();
+        let mean_v = (u_sq - self.nonzero1 as f32) / (n as f32 * (n - 1) as f32);
+        let margin = mean_v - 1e-3;
+        let bound = match self.cfg.weighting {
+            Weighting::PRelu => self.n_min1 / self.n_sum1 * margin,
+            _ => margin,
+        };
+        !(bound > 4.0 * EPS)
     }
 
     /// Writes the new global tensor (f32) into `out` (length P).

@@ -198,48 +198,138 @@ pub fn init_server_state(cfg: &ServerOptConfig, m: &mut [f32], v: &mut [f32]) {
     v.fill(cfg.tau * cfg.tau);
 }
 
-/// Weighted mean of client tensors, one client at a time. Memory: the caller's `P` floats.
+/// One client's tensor, as the accumulators take it.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientView<'a> {
+    /// Labels errors.
+    pub id: u32,
+    /// Aggregation weight (sample count, or 1).
+    pub weight: f32,
+    pub values: TensorView<'a>,
+}
+
+/// How many clients [`MeanAccumulator::add_group`] fuses into one sweep.
+pub const GROUP: usize = 4;
+
+/// Weighted mean of client tensors, streamed a client (or a group of clients) at a time.
+///
+/// Memory: the caller's buffer of [`buffer_len`](Self::buffer_len)`(P) = 2·P` floats. Each
+/// step writes `sum + Σ w_k x_k` into the other half and swaps halves only when every value
+/// was finite, so validation costs no second read and a rejected client leaves the sum as
+/// it was. Adding clients in groups gives bit-identical sums to adding them one by one.
 pub struct MeanAccumulator<'w> {
-    acc: &'w mut [f32],
+    sum: &'w mut [f32],
+    next: &'w mut [f32],
     count: usize,
     weight_sum: f32,
 }
 
 impl<'w> MeanAccumulator<'w> {
-    /// Uses `acc` (zeroed here) as the running sum.
-    pub fn new(acc: &'w mut [f32]) -> Self {
-        acc.fill(0.0);
-        MeanAccumulator {
-            acc,
-            count: 0,
-            weight_sum: 0.0,
-        }
+    /// Buffer length for tensors of `p` elements.
+    pub const fn buffer_len(p: usize) -> usize {
+        2 * p
     }
 
-    /// Adds `weight · x`. The client's values are checked before anything is added, so a
-    /// rejected client leaves the sum as it was.
+    /// Starts an empty sum over tensors of `p` elements in `buf` (at least `2·p` floats).
+    pub fn new(p: usize, buf: &'w mut [f32]) -> Result<Self, Error> {
+        let needed = Self::buffer_len(p);
+        if buf.len() < needed {
+            return Err(ErrorKind::BufferTooSmall { needed }.into());
+        }
+        let (sum, rest) = buf.split_at_mut(p);
+        let next = &mut rest[..p];
+        sum.fill(0.0);
+        Ok(MeanAccumulator {
+            sum,
+            next,
+            count: 0,
+            weight_sum: 0.0,
+        })
+    }
+
+    /// Adds `weight · x`; a rejected client leaves the sum as it was.
     pub fn add(&mut self, client: u32, weight: f32, x: TensorView<'_>) -> Result<(), Error> {
-        let fail = |e: Error| e.with_client(client);
-        check_weight(weight).map_err(fail)?;
-        check_len(self.acc.len(), x.len()).map_err(fail)?;
-        with_view!(x, |s| {
-            check_all_finite(s).map_err(fail)?;
-            for (a, v) in self.acc.iter_mut().zip(s.iter()) {
-                *a += weight * v.to_f32();
+        self.add_group(&[ClientView {
+            id: client,
+            weight,
+            values: x,
+        }])
+    }
+
+    /// Adds several clients, [`GROUP`] per sweep over memory. On an error naming client k,
+    /// the clients before k in `clients` were added and k and those after it were not.
+    pub fn add_group(&mut self, clients: &[ClientView<'_>]) -> Result<(), Error> {
+        for (i, c) in clients.iter().enumerate() {
+            let fail = |e: Error| e.with_client(c.id);
+            if let Err(e) = check_weight(c.weight)
+                .and_then(|_| check_len(self.sum.len(), c.values.len()))
+                .map_err(fail)
+            {
+                // Honour the "clients before k were added" contract.
+                self.add_group(&clients[..i])?;
+                return Err(e);
             }
-        });
-        self.count += 1;
-        self.weight_sum += weight;
+        }
+        for chunk in clients.chunks(GROUP) {
+            if !self.try_fused(chunk) {
+                // Some value was not finite: add the clients before the culprit one by one.
+                for c in chunk {
+                    let fail = |e: Error| e.with_client(c.id);
+                    with_view!(c.values, |s| check_all_finite(s)).map_err(fail)?;
+                    if !self.try_fused(core::slice::from_ref(c)) {
+                        return Err(fail(ErrorKind::NonFinite.into()));
+                    }
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Writes `sum + Σ w_k x_k` into `next` and swaps if all finite. False if some value was
+    /// not finite (nothing changed then).
+    fn try_fused(&mut self, chunk: &[ClientView<'_>]) -> bool {
+        let same = |f: fn(&TensorView<'_>) -> bool| chunk.iter().all(|c| f(&c.values));
+        let ok = if same(|v| matches!(v, TensorView::F32(_))) {
+            fused_dispatch::<f32>(self.next, self.sum, chunk, |v| match v {
+                TensorView::F32(s) => s,
+                _ => &[],
+            })
+        } else if same(|v| matches!(v, TensorView::F16(_))) {
+            fused_dispatch::<crate::f16>(self.next, self.sum, chunk, |v| match v {
+                TensorView::F16(s) => s,
+                _ => &[],
+            })
+        } else if same(|v| matches!(v, TensorView::BF16(_))) {
+            fused_dispatch::<crate::bf16>(self.next, self.sum, chunk, |v| match v {
+                TensorView::BF16(s) => s,
+                _ => &[],
+            })
+        } else {
+            // Mixed element types: one client per sweep.
+            return chunk
+                .iter()
+                .all(|c| self.try_fused(core::slice::from_ref(c)));
+        };
+        if ok {
+            core::mem::swap(&mut self.sum, &mut self.next);
+            self.count += chunk.len();
+            self.weight_sum += chunk.iter().map(|c| c.weight).sum::<f32>();
+        }
+        ok
     }
 
     pub fn count(&self) -> usize {
         self.count
     }
 
+    /// The running sum `Σ w_i x_i`.
+    pub fn sum(&self) -> &[f32] {
+        self.sum
+    }
+
     /// Writes `Σ w_i x_i / Σ w_i` into `out`.
     pub fn mean_into(&self, out: &mut [f32]) -> Result<(), Error> {
-        check_len(self.acc.len(), out.len())?;
+        check_len(self.sum.len(), out.len())?;
         if self.count == 0 {
             return Err(ErrorKind::NoClients.into());
         }
@@ -247,11 +337,69 @@ impl<'w> MeanAccumulator<'w> {
             return Err(ErrorKind::BadWeight.into());
         }
         let inv = 1.0 / self.weight_sum;
-        for (o, a) in out.iter_mut().zip(self.acc.iter()) {
+        for (o, a) in out.iter_mut().zip(self.sum.iter()) {
             *o = a * inv;
         }
         Ok(())
     }
+}
+
+fn fused_dispatch<'a, T: Element>(
+    dst: &mut [f32],
+    src: &[f32],
+    chunk: &[ClientView<'a>],
+    slice: fn(&TensorView<'a>) -> &'a [T],
+) -> bool {
+    let x = |k: usize| slice(&chunk[k].values);
+    let w = |k: usize| chunk[k].weight;
+    match chunk.len() {
+        1 => fused_axpy::<1, T>(dst, src, [x(0)], [w(0)]),
+        2 => fused_axpy::<2, T>(dst, src, [x(0), x(1)], [w(0), w(1)]),
+        3 => fused_axpy::<3, T>(dst, src, [x(0), x(1), x(2)], [w(0), w(1), w(2)]),
+        _ => fused_axpy::<4, T>(dst, src, [x(0), x(1), x(2), x(3)], [w(0), w(1), w(2), w(3)]),
+    }
+}
+
+/// `dst = src + Σ_k w_k·x_k`, adding the clients in order (so the rounding equals adding
+/// them one at a time), and whether every `x` was finite (`x·0` is NaN exactly when `x` is
+/// not finite; summing those products cannot overflow).
+fn fused_axpy<const K: usize, T: Element>(
+    dst: &mut [f32],
+    src: &[f32],
+    xs: [&[T]; K],
+    ws: [f32; K],
+) -> bool {
+    const B: usize = 16;
+    let mut probe = [0.0f32; B];
+    let n = dst.len();
+    let full = n - n % B;
+    for o in (0..full).step_by(B) {
+        let d = &mut dst[o..o + B];
+        let s = &src[o..o + B];
+        let xb: [&[T]; K] = core::array::from_fn(|k| &xs[k][o..o + B]);
+        for j in 0..B {
+            let mut acc = s[j];
+            let mut z = 0.0f32;
+            for k in 0..K {
+                let v = xb[k][j].to_f32();
+                acc += ws[k] * v;
+                z += v * 0.0;
+            }
+            d[j] = acc;
+            probe[j] += z;
+        }
+    }
+    let mut tail = 0.0f32;
+    for i in full..n {
+        let mut acc = src[i];
+        for k in 0..K {
+            let v = xs[k][i].to_f32();
+            acc += ws[k] * v;
+            tail += v * 0.0;
+        }
+        dst[i] = acc;
+    }
+    !(probe.iter().sum::<f32>() + tail).is_nan()
 }
 
 /// One server step of `cfg.rule` on the mean update `mean_delta`: updates `state` and writes
@@ -275,6 +423,18 @@ pub fn apply_server_opt(
     if uses_v {
         check_len(p, state.v.len())?;
     }
+    if cfg.rule == ServerOpt::FedAvg {
+        // Stateless: one fused pass; a NaN in Δ̄ shows up in the output check below.
+        let lr = cfg.server_lr;
+        with_view!(global, |g| {
+            for ((o, v), d) in out.iter_mut().zip(g.iter()).zip(mean_delta) {
+                *o = v.to_f32() + lr * d;
+            }
+        });
+        state.steps += 1;
+        return check_all_finite(&*out);
+    }
+    // Stateful rules: check before the state is touched.
     check_all_finite(mean_delta)?;
     with_view!(global, |g| {
         for (o, v) in out.iter_mut().zip(g.iter()) {
@@ -293,11 +453,8 @@ pub fn apply_server_opt(
         }
     };
     match cfg.rule {
-        ServerOpt::FedAvg => {
-            for (o, d) in out.iter_mut().zip(mean_delta) {
-                *o += lr * d;
-            }
-        }
+        // Returned above.
+        ServerOpt::FedAvg => {}
         ServerOpt::FedAvgM => {
             for ((o, d), m) in out.iter_mut().zip(mean_delta).zip(state.m.iter_mut()) {
                 if openfedllm {

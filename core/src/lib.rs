@@ -25,8 +25,8 @@ pub use fedcdd::{
     ClientAgreement, FedCddConfig, FedCddSummary, NormAxis, StreamingFedCdd, Target, Weighting,
 };
 pub use fedopt::{
-    Algorithm, FedOptVariant, MeanAccumulator, ServerOpt, ServerOptConfig, ServerState,
-    apply_server_opt, fedprox_gradient, init_server_state, scaffold_client_control,
+    Algorithm, ClientView, FedOptVariant, GROUP, MeanAccumulator, ServerOpt, ServerOptConfig,
+    ServerState, apply_server_opt, fedprox_gradient, init_server_state, scaffold_client_control,
     scaffold_correct_gradient, scaffold_server_update,
 };
 pub use half::{bf16, f16};

@@ -28,6 +28,12 @@ impl Groups {
 pub(crate) fn group_sumsq<T: Element>(x: &[T], layout: &Layout, groups: Groups, sq: &mut [f32]) {
     sq.fill(0.0);
     match groups {
+        Groups::Columns if narrow_cols(layout.cols) => match layout.cols {
+            8 => col_sumsq_narrow::<8, T>(x, sq),
+            16 => col_sumsq_narrow::<16, T>(x, sq),
+            32 => col_sumsq_narrow::<32, T>(x, sq),
+            _ => col_sumsq_narrow::<64, T>(x, sq),
+        },
         Groups::Columns => {
             for row in x.chunks_exact(layout.cols) {
                 for (s, v) in sq.iter_mut().zip(row) {
@@ -57,6 +63,12 @@ pub(crate) fn group_sumsq_dot<T: Element>(
     dot.fill(0.0);
     let cols = layout.cols;
     match groups {
+        Groups::Columns if narrow_cols(cols) => match cols {
+            8 => col_sumsq_dot_narrow::<8, T>(x, u, sq, dot),
+            16 => col_sumsq_dot_narrow::<16, T>(x, u, sq, dot),
+            32 => col_sumsq_dot_narrow::<32, T>(x, u, sq, dot),
+            _ => col_sumsq_dot_narrow::<64, T>(x, u, sq, dot),
+        },
         Groups::Columns => {
             for (row, urow) in x.chunks_exact(cols).zip(u.chunks_exact(cols)) {
                 for (((s, d), v), w) in sq.iter_mut().zip(dot.iter_mut()).zip(row).zip(urow) {
@@ -79,6 +91,56 @@ pub(crate) fn group_sumsq_dot<T: Element>(
             }
         }
     }
+}
+
+/// Widths with a register-resident specialisation: the ranks of LoRA B (`[d_out, r]`).
+fn narrow_cols(cols: usize) -> bool {
+    matches!(cols, 8 | 16 | 32 | 64)
+}
+
+/// Column sums of squares of a matrix only `C` wide (a LoRA B): the sums stay in registers
+/// instead of being reloaded for every short row, with two row sets to hide add latency.
+fn col_sumsq_narrow<const C: usize, T: Element>(x: &[T], sq: &mut [f32]) {
+    let mut even = [0.0f32; C];
+    let mut odd = [0.0f32; C];
+    let mut pairs = x.chunks_exact(2 * C);
+    for pair in &mut pairs {
+        for j in 0..C {
+            let a = pair[j].to_f32();
+            let b = pair[C + j].to_f32();
+            even[j] += a * a;
+            odd[j] += b * b;
+        }
+    }
+    for row in pairs.remainder().chunks_exact(C) {
+        for j in 0..C {
+            let a = row[j].to_f32();
+            even[j] += a * a;
+        }
+    }
+    for ((s, e), o) in sq.iter_mut().zip(&even).zip(&odd) {
+        *s = e + o;
+    }
+}
+
+/// [`col_sumsq_narrow`] plus the column dots with `u`.
+fn col_sumsq_dot_narrow<const C: usize, T: Element>(
+    x: &[T],
+    u: &[f32],
+    sq: &mut [f32],
+    dot: &mut [f32],
+) {
+    let mut s = [0.0f32; C];
+    let mut d = [0.0f32; C];
+    for (row, urow) in x.chunks_exact(C).zip(u.chunks_exact(C)) {
+        for j in 0..C {
+            let a = row[j].to_f32();
+            s[j] += a * a;
+            d[j] += a * urow[j];
+        }
+    }
+    sq[..C].copy_from_slice(&s);
+    dot[..C].copy_from_slice(&d);
 }
 
 /// `acc[i] += coef[g(i)] · x[i]`, where `g(i)` is the group of element `i`.
@@ -184,12 +246,15 @@ pub(crate) fn group_scale_into(
     }
 }
 
-/// Sum of squares of a row with eight independent accumulators, so the loop vectorises
-/// (a single running sum is a serial dependency chain).
+/// Independent accumulators of a reduction: enough vector registers in flight that the
+/// add latency never limits a loop to below memory speed (one running sum is a serial chain).
+const LANES: usize = 32;
+
+/// Sum of squares of a row with [`LANES`] independent accumulators, so the loop vectorises.
 #[inline]
 fn sum_squares_row<T: Element>(row: &[T]) -> f32 {
-    let mut lanes = [0.0f32; 8];
-    let mut chunks = row.chunks_exact(8);
+    let mut lanes = [0.0f32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
     for c in &mut chunks {
         for (l, v) in lanes.iter_mut().zip(c) {
             let v = v.to_f32();
@@ -206,12 +271,12 @@ fn sum_squares_row<T: Element>(row: &[T]) -> f32 {
 
 #[inline]
 fn sum_squares_dot_row<T: Element>(row: &[T], u: &[f32]) -> (f32, f32) {
-    let mut sq = [0.0f32; 8];
-    let mut dt = [0.0f32; 8];
-    let mut xc = row.chunks_exact(8);
-    let mut uc = u.chunks_exact(8);
+    let mut sq = [0.0f32; LANES];
+    let mut dt = [0.0f32; LANES];
+    let mut xc = row.chunks_exact(LANES);
+    let mut uc = u.chunks_exact(LANES);
     for (c, w) in (&mut xc).zip(&mut uc) {
-        for i in 0..8 {
+        for i in 0..LANES {
             let v = c[i].to_f32();
             sq[i] += v * v;
             dt[i] += v * w[i];
@@ -245,8 +310,8 @@ pub fn first_non_finite<T: Element>(x: &[T]) -> Option<usize> {
 /// Fails unless every element is finite. Reads `x` once; vectorises (no early exit per element).
 pub(crate) fn check_all_finite<T: Element>(x: &[T]) -> Result<(), Error> {
     // x·0 is 0 for finite x and NaN otherwise: one multiply-add per element, no branch.
-    let mut lanes = [0.0f32; 8];
-    let mut chunks = x.chunks_exact(8);
+    let mut lanes = [0.0f32; LANES];
+    let mut chunks = x.chunks_exact(LANES);
     for c in &mut chunks {
         for (l, v) in lanes.iter_mut().zip(c) {
             *l += v.to_f32() * 0.0;

@@ -108,6 +108,8 @@ pub struct TensorRecord<'a> {
     pub dtype: DType,
     pub layout: Layout,
     pub payload: Payload<'a>,
+    /// Bytes this record takes in the upload.
+    pub encoded_len: usize,
 }
 
 impl TensorRecord<'_> {
@@ -320,6 +322,7 @@ fn parse_record(bytes: &[u8], index: u32) -> Result<(TensorRecord<'_>, &[u8]), E
             )
         }
     };
+    let encoded_len = bytes.len() - rest.len();
     let record = TensorRecord {
         index,
         name: head.name,
@@ -327,6 +330,7 @@ fn parse_record(bytes: &[u8], index: u32) -> Result<(TensorRecord<'_>, &[u8]), E
         dtype: head.dtype,
         layout,
         payload,
+        encoded_len,
     };
     Ok((record, rest))
 }

@@ -1,0 +1,296 @@
+//! `fedcdd bench aggregate`: aggregation throughput against this machine's own memory-read
+//! bandwidth, both measured in the same run on the same buffers.
+//!
+//! Aggregation is memory-bound: FedAvg must read every client once, streaming FedCDD twice
+//! (pass 1 and pass 2). The reference is a plain vectorised read of the same client
+//! buffers, single-threaded like the aggregators. Tensors are processed tensor by tensor
+//! (all clients of one tensor, then the next), so accumulators stay in cache and only the
+//! client data streams from memory.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use clap::Args;
+use fedcdd_core::mask::Xoshiro256PlusPlus;
+use fedcdd_core::{
+    ClientInput, ClientView, FedCddConfig, Layout, MeanAccumulator, ServerOpt, ServerOptConfig,
+    ServerState, StreamingFedCdd, TensorRole, TensorView, apply_server_opt, fedcdd_batch,
+};
+use rand_core_shim::next_f32;
+
+#[derive(Args, Debug, Clone)]
+pub struct AggregateBenchArgs {
+    /// Number of clients.
+    #[arg(long, default_value_t = 8)]
+    pub clients: usize,
+    /// Parameters per client (rounded up to whole 16×4096 / 4096×16 LoRA tensor pairs).
+    /// The default makes the client data (clients × params × 4 bytes) 1 GiB, beyond any cache.
+    #[arg(long, default_value_t = 32 << 20)]
+    pub params: usize,
+    /// Timed repetitions of each measurement; the best is reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Skip the batch form (it needs memory for every client's decomposition).
+    #[arg(long)]
+    pub no_batch: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Tiny local helper so the bench fills buffers fast without pulling in `rand`.
+mod rand_core_shim {
+    use fedcdd_core::mask::Xoshiro256PlusPlus;
+    /// Uniform in [-1, 1).
+    pub fn next_f32(rng: &mut Xoshiro256PlusPlus) -> f32 {
+        ((rng.next_u64() >> 40) as f32) * (2.0 / (1u64 << 24) as f32) - 1.0
+    }
+}
+
+const RANK: usize = 16;
+const WIDTH: usize = 4096;
+
+struct Row {
+    name: &'static str,
+    reads: usize,
+    seconds: f64,
+}
+
+pub fn run_aggregate_bench(a: &AggregateBenchArgs) -> Result<()> {
+    if a.clients == 0 || a.params == 0 || a.repeats == 0 {
+        bail!("--clients, --params and --repeats must be positive");
+    }
+    let tensor_len = RANK * WIDTH;
+    let tensors = a.params.div_ceil(tensor_len).max(2).next_multiple_of(2);
+    let p = tensors * tensor_len;
+    let layouts: Vec<Layout> = (0..tensors)
+        .map(|t| {
+            if t % 2 == 0 {
+                Layout::new(RANK, WIDTH, TensorRole::LoraA)
+            } else {
+                Layout::new(WIDTH, RANK, TensorRole::LoraB)
+            }
+        })
+        .collect();
+    let bytes_per_read = (a.clients * p * 4) as f64;
+    eprintln!(
+        "generating {} clients × {} params ({:.2} GiB) ...",
+        a.clients,
+        p,
+        bytes_per_read / (1u64 << 30) as f64
+    );
+    let mut rng = Xoshiro256PlusPlus::from_state([1, 2, 3, 4]);
+    // Updates that partly agree, as trained clients' do: a shared component plus a
+    // client-specific one of the same size.
+    let shared: Vec<f32> = (0..p).map(|_| next_f32(&mut rng) * 1e-3).collect();
+    let clients: Vec<Vec<f32>> = (0..a.clients)
+        .map(|_| {
+            shared
+                .iter()
+                .map(|s| s + next_f32(&mut rng) * 1e-3)
+                .collect()
+        })
+        .collect();
+    drop(shared);
+    let global: Vec<f32> = (0..p).map(|_| next_f32(&mut rng) * 1e-2).collect();
+    let mut out = vec![0.0f32; p];
+
+    let best = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        let mut best = f64::INFINITY;
+        for _ in 0..a.repeats {
+            let t = Instant::now();
+            f()?;
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        Ok(best)
+    };
+
+    // Reference: one plain read of every client buffer.
+    let read_s = best(&mut || {
+        let mut total = 0.0f32;
+        for c in &clients {
+            total += plain_sum(c);
+        }
+        black_box(total);
+        Ok(())
+    })?;
+    let bandwidth = bytes_per_read / read_s;
+
+    let mut rows = Vec::new();
+    let samples: Vec<f32> = (0..a.clients).map(|i| 100.0 + i as f32).collect();
+
+    // FedAvg: Δ̄ by the mean accumulator, then the server rule.
+    let opt = ServerOptConfig::defaults(ServerOpt::FedAvg);
+    let mut acc_buf = vec![0.0f32; MeanAccumulator::buffer_len(tensor_len)];
+    let mut mean = vec![0.0f32; tensor_len];
+    let fedavg_s = best(&mut || {
+        for (t, _) in layouts.iter().enumerate() {
+            let r = t * tensor_len..(t + 1) * tensor_len;
+            let mut acc = MeanAccumulator::new(tensor_len, &mut acc_buf).map_err(core_err)?;
+            let views: Vec<ClientView<'_>> = clients
+                .iter()
+                .enumerate()
+                .map(|(i, c)| ClientView {
+                    id: i as u32,
+                    weight: samples[i],
+                    values: TensorView::F32(&c[r.clone()]),
+                })
+                .collect();
+            acc.add_group(&views).map_err(core_err)?;
+            acc.mean_into(&mut mean).map_err(core_err)?;
+            let mut st = ServerState {
+                m: &mut [],
+                v: &mut [],
+                steps: 0,
+            };
+            apply_server_opt(
+                &opt,
+                &mut st,
+                TensorView::F32(&global[r.clone()]),
+                &mean,
+                &mut out[r],
+            )
+            .map_err(core_err)?;
+        }
+        Ok(())
+    })?;
+    rows.push(Row {
+        name: "fedavg",
+        reads: 1,
+        seconds: fedavg_s,
+    });
+
+    // Streaming FedCDD, two passes per tensor.
+    let cfg = FedCddConfig::default();
+    let ws_len = layouts
+        .iter()
+        .map(|l| StreamingFedCdd::workspace_len(&cfg, l))
+        .max()
+        .unwrap_or(0);
+    let mut ws = vec![0.0f32; ws_len];
+    let stream_s = best(&mut || {
+        for (t, layout) in layouts.iter().enumerate() {
+            let r = t * tensor_len..(t + 1) * tensor_len;
+            let mut agg =
+                StreamingFedCdd::new(cfg, *layout, TensorView::F32(&global[r.clone()]), &mut ws)
+                    .map_err(core_err)?;
+            for (i, c) in clients.iter().enumerate() {
+                agg.pass1(i as u32, samples[i], TensorView::F32(&c[r.clone()]))
+                    .map_err(core_err)?;
+            }
+            for (i, c) in clients.iter().enumerate() {
+                agg.pass2(i as u32, samples[i], TensorView::F32(&c[r.clone()]))
+                    .map_err(core_err)?;
+            }
+            agg.finish(&mut out[r]).map_err(core_err)?;
+        }
+        Ok(())
+    })?;
+    rows.push(Row {
+        name: "fedcdd streaming",
+        reads: 2,
+        seconds: stream_s,
+    });
+
+    if !a.no_batch {
+        let mut batch_out = vec![0.0f32; tensor_len];
+        let batch_s = best(&mut || {
+            for (t, layout) in layouts.iter().enumerate() {
+                let r = t * tensor_len..(t + 1) * tensor_len;
+                let inputs: Vec<ClientInput<'_>> = clients
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| ClientInput {
+                        id: i as u32,
+                        samples: samples[i],
+                        update: TensorView::F32(&c[r.clone()]),
+                    })
+                    .collect();
+                fedcdd_batch(
+                    &cfg,
+                    *layout,
+                    TensorView::F32(&global[r.clone()]),
+                    &inputs,
+                    &mut batch_out,
+                )
+                .map_err(core_err)?;
+            }
+            Ok(())
+        })?;
+        rows.push(Row {
+            name: "fedcdd batch",
+            reads: 2,
+            seconds: batch_s,
+        });
+    }
+    black_box(&out);
+
+    if a.json {
+        let json = serde_json::json!({
+            "clients": a.clients,
+            "params": p,
+            "tensors": tensors,
+            "client_bytes": bytes_per_read,
+            "read_bandwidth_gbs": bandwidth / 1e9,
+            "results": rows.iter().map(|r| {
+                let bound = r.reads as f64 * bytes_per_read / bandwidth;
+                serde_json::json!({
+                    "rule": r.name,
+                    "client_reads": r.reads,
+                    "seconds": r.seconds,
+                    "effective_gbs": r.reads as f64 * bytes_per_read / r.seconds / 1e9,
+                    "bound_seconds": bound,
+                    "ratio_to_bound": bound / r.seconds,
+                })
+            }).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&json)?);
+        return Ok(());
+    }
+    println!(
+        "{} clients × {} params ({} tensors of {}×{} / {}×{}), f32, best of {}",
+        a.clients, p, tensors, RANK, WIDTH, WIDTH, RANK, a.repeats
+    );
+    println!(
+        "reference: plain read of the client data, 1 thread: {:.2} GB/s ({:.3} s)",
+        bandwidth / 1e9,
+        read_s
+    );
+    println!(
+        "{:<18} {:>6} {:>10} {:>10} {:>10} {:>8}",
+        "rule", "reads", "seconds", "GB/s", "bound s", "ratio"
+    );
+    for r in &rows {
+        let bound = r.reads as f64 * bytes_per_read / bandwidth;
+        println!(
+            "{:<18} {:>6} {:>10.4} {:>10.2} {:>10.4} {:>7.0}%",
+            r.name,
+            r.reads,
+            r.seconds,
+            r.reads as f64 * bytes_per_read / r.seconds / 1e9,
+            bound,
+            100.0 * bound / r.seconds
+        );
+    }
+    println!(
+        "ratio = bandwidth-bound time / measured time (targets: fedavg >= 70%, fedcdd streaming >= 50%)"
+    );
+    Ok(())
+}
+
+fn core_err(e: fedcdd_core::Error) -> anyhow::Error {
+    anyhow::anyhow!("{e}")
+}
+
+/// Sum with eight independent lanes so the loop vectorises and is limited by memory only.
+fn plain_sum(x: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for (l, v) in lanes.iter_mut().zip(c) {
+            *l += v;
+        }
+    }
+    lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}

@@ -1,0 +1,577 @@
+//! Argument parsing and printing only: each command parses, calls the library, prints.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use fedcdd_core::{
+    Algorithm, DType, FedCddConfig, FedOptVariant, Importance, MaskConfig, NormAxis, Payload,
+    ServerOpt, ServerOptConfig, Target, Upload, Weighting,
+};
+
+use crate::adapter::{load_adapter, save_adapter, write_atomic};
+use crate::aggregate::{AggregateOptions, ServerStateStore, aggregate};
+use crate::bench;
+use crate::update::{EncodeOptions, apply_update, decode_update, encode_update, load_client};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "fedcdd",
+    version,
+    about = "Federated LoRA fine-tuning with FedCDD (consensus-divergence decoupling) and its baselines",
+    long_about = "Federated LoRA fine-tuning with FedCDD (consensus-divergence decoupling) and its baselines.\n\n\
+Adapters are PEFT adapter directories (adapter_config.json + adapter_model.safetensors) or bare \
+.safetensors files with PEFT tensor names. Client uploads are the compact masked format written \
+by `fedcdd encode`.",
+    after_help = "Examples:\n  fedcdd encode --global g/ --local c1/ --out c1.fcdu --keep-ratio 0.3 --noise-scale 0.5 --samples 120\n  fedcdd aggregate --algorithm fedcdd --global g/ --client c1.fcdu --client c2/:80 --out g_next/\n  fedcdd inspect c1.fcdu"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// One server step: combine client adapters/uploads into the next global adapter.
+    Aggregate(AggregateArgs),
+    /// Client side: mask the update (local − global) and write the upload.
+    Encode(EncodeArgs),
+    /// Rebuild the client's masked adapter (global + reconstructed update) from an upload.
+    Decode(DecodeArgs),
+    /// Print an upload's header, tensors, kept columns and byte size.
+    Inspect(InspectArgs),
+    /// Write a synthetic round (a global PEFT adapter and client adapters) to try the commands on.
+    MakeExample(crate::example::ExampleArgs),
+    /// Benchmarks (reported next to this machine's own reference figures).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum AlgorithmArg {
+    Fedavg,
+    Fedprox,
+    Fedavgm,
+    Fedadagrad,
+    Fedyogi,
+    Fedadam,
+    Fedcdd,
+    #[value(name = "ffa-lora")]
+    FfaLora,
+    #[value(name = "fedsa-lora")]
+    FedsaLora,
+    Scaffold,
+    Flora,
+}
+
+impl AlgorithmArg {
+    fn algorithm(self) -> Algorithm {
+        match self {
+            AlgorithmArg::Fedavg => Algorithm::FedAvg,
+            AlgorithmArg::Fedprox => Algorithm::FedProx,
+            AlgorithmArg::Fedavgm => Algorithm::FedAvgM,
+            AlgorithmArg::Fedadagrad => Algorithm::FedAdagrad,
+            AlgorithmArg::Fedyogi => Algorithm::FedYogi,
+            AlgorithmArg::Fedadam => Algorithm::FedAdam,
+            AlgorithmArg::Fedcdd => Algorithm::FedCdd,
+            AlgorithmArg::FfaLora => Algorithm::FfaLora,
+            AlgorithmArg::FedsaLora => Algorithm::FedSaLora,
+            AlgorithmArg::Scaffold => Algorithm::Scaffold,
+            AlgorithmArg::Flora => Algorithm::FLora,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum NormAxisArg {
+    Column,
+    Row,
+    Rank,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum TargetArg {
+    Delta,
+    Weights,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum VariantArg {
+    Reddi,
+    Openfedllm,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ImportanceArg {
+    #[value(name = "column_l2")]
+    ColumnL2,
+    #[value(name = "element_abs")]
+    ElementAbs,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum DTypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+/// `p_relu | relu | softmax:T | samples | uniform`.
+fn parse_weighting(s: &str) -> Result<Weighting, String> {
+    match s {
+        "p_relu" => Ok(Weighting::PRelu),
+        "relu" => Ok(Weighting::Relu),
+        "samples" => Ok(Weighting::Samples),
+        "uniform" => Ok(Weighting::Uniform),
+        _ => match s.strip_prefix("softmax:") {
+            Some(t) => match t.parse::<f32>() {
+                Ok(tau) if tau > 0.0 && tau.is_finite() => Ok(Weighting::Softmax { tau }),
+                _ => Err(format!("softmax temperature {t:?} must be a number > 0")),
+            },
+            None => Err("expected p_relu, relu, softmax:T, samples or uniform".to_string()),
+        },
+    }
+}
+
+/// A client given as `PATH` or `PATH:SAMPLES`.
+#[derive(Clone, Debug)]
+pub struct ClientArg {
+    pub path: PathBuf,
+    pub samples: Option<u64>,
+}
+
+fn parse_client(s: &str) -> Result<ClientArg, String> {
+    if let Some((path, n)) = s.rsplit_once(':') {
+        if !path.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) {
+            let samples = n
+                .parse::<u64>()
+                .map_err(|e| format!("sample count {n:?}: {e}"))?;
+            return Ok(ClientArg {
+                path: PathBuf::from(path),
+                samples: Some(samples),
+            });
+        }
+    }
+    Ok(ClientArg {
+        path: PathBuf::from(s),
+        samples: None,
+    })
+}
+
+#[derive(Args, Debug)]
+pub struct AggregateArgs {
+    /// Aggregation rule. scaffold and flora need the training loop (`fedcdd run`).
+    #[arg(long, value_enum)]
+    pub algorithm: AlgorithmArg,
+    /// Current global adapter (PEFT directory or .safetensors).
+    #[arg(long)]
+    pub global: PathBuf,
+    /// A client: adapter (dir or .safetensors) or upload, optionally `:NUM_SAMPLES`.
+    /// Repeat for each client. Without sample counts all clients weigh the same.
+    #[arg(long = "client", required = true, value_parser = parse_client)]
+    pub clients: Vec<ClientArg>,
+    /// Output PEFT adapter directory (config copied from the global).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Server state file (momentum etc., safetensors): read if present, written after.
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+    /// Server rate λ/η [default: 1 for fedavg, fedavgm, fedcdd; 1e-3 for fedadagrad, fedyogi, fedadam].
+    #[arg(long)]
+    pub server_lr: Option<f32>,
+    /// β1 of FedYogi/FedAdam, and FedAvgM's momentum β.
+    #[arg(long, default_value_t = 0.9)]
+    pub beta1: f32,
+    /// β2 of FedYogi/FedAdam.
+    #[arg(long, default_value_t = 0.99)]
+    pub beta2: f32,
+    /// τ of the FedOpt rules (adaptivity; v starts at τ²).
+    #[arg(long, default_value_t = 1e-3)]
+    pub tau: f32,
+    /// FedOpt reading: Reddi et al. (spec) or OpenFedLLM's code.
+    #[arg(long, value_enum, default_value = "reddi")]
+    pub fedopt_variant: VariantArg,
+    /// FedCDD: which norms form the consensus magnitude.
+    #[arg(long, value_enum, default_value = "column")]
+    pub norm_axis: NormAxisArg,
+    /// FedCDD: decompose the updates (delta) or the client weights.
+    #[arg(long, value_enum, default_value = "delta")]
+    pub target: TargetArg,
+    /// FedCDD: direction weights: p_relu, relu, softmax:T, samples (alignment off), uniform.
+    #[arg(long, default_value = "p_relu", value_parser = parse_weighting)]
+    pub weighting: Weighting,
+    /// FedCDD: re-normalise the aggregated directions per group.
+    #[arg(long, value_enum, default_value = "on")]
+    pub renormalize: OnOff,
+    /// Also write a JSON report of the step here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct EncodeArgs {
+    /// Global adapter the client started from.
+    #[arg(long)]
+    pub global: PathBuf,
+    /// The client's trained adapter.
+    #[arg(long)]
+    pub local: PathBuf,
+    /// Upload file to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// ρ: share of columns (by L2 norm) sent exactly; 1 sends everything.
+    #[arg(long, default_value_t = 1.0)]
+    pub keep_ratio: f32,
+    /// η: noise std of the other columns, relative to their rms; 0 = plain top-K.
+    #[arg(long, default_value_t = 0.0)]
+    pub noise_scale: f32,
+    /// How importance is measured.
+    #[arg(long, value_enum, default_value = "column_l2")]
+    pub importance: ImportanceArg,
+    /// Noise seed [default: derived from --round and --client-id].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long, default_value_t = 0)]
+    pub round: u32,
+    #[arg(long, default_value_t = 0)]
+    pub client_id: u32,
+    /// The client's sample count (its aggregation weight); 0 = unknown.
+    #[arg(long, default_value_t = 0)]
+    pub samples: u64,
+    /// Storage type of the uploaded values [default: each local tensor's own].
+    #[arg(long, value_enum)]
+    pub dtype: Option<DTypeArg>,
+    /// Send only the tensors this algorithm aggregates (ffa-lora: lora_B; fedsa-lora: lora_A).
+    #[arg(long, value_enum, default_value = "fedcdd")]
+    pub algorithm: AlgorithmArg,
+}
+
+#[derive(Args, Debug)]
+pub struct DecodeArgs {
+    /// Upload written by `fedcdd encode`.
+    pub update: PathBuf,
+    /// Global adapter the update applies to.
+    #[arg(long)]
+    pub global: PathBuf,
+    /// Output PEFT adapter directory: global + reconstructed update.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    pub update: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// List every kept column index (default: the first 8).
+    #[arg(long)]
+    pub full: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Times batch and streaming FedCDD and FedAvg on random data against this machine's
+    /// memory-read bandwidth, measured in the same run.
+    Aggregate(bench::AggregateBenchArgs),
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Aggregate(a) => cmd_aggregate(a),
+        Command::Encode(a) => cmd_encode(a),
+        Command::Decode(a) => cmd_decode(a),
+        Command::Inspect(a) => cmd_inspect(a),
+        Command::MakeExample(a) => crate::example::make_example(&a),
+        Command::Bench(BenchCommand::Aggregate(a)) => bench::run_aggregate_bench(&a),
+    }
+}
+
+fn aggregate_options(a: &AggregateArgs) -> Result<AggregateOptions> {
+    let algorithm = a.algorithm.algorithm();
+    let rule = algorithm.server_opt().unwrap_or(ServerOpt::FedAvg);
+    let mut opt = ServerOptConfig::defaults(rule);
+    opt.beta1 = a.beta1;
+    opt.beta2 = a.beta2;
+    opt.tau = a.tau;
+    opt.variant = match a.fedopt_variant {
+        VariantArg::Reddi => FedOptVariant::Reddi,
+        VariantArg::Openfedllm => FedOptVariant::OpenFedLlm,
+    };
+    if let Some(lr) = a.server_lr {
+        opt.server_lr = lr;
+    }
+    let fedcdd = FedCddConfig {
+        norm_axis: match a.norm_axis {
+            NormAxisArg::Column => NormAxis::Column,
+            NormAxisArg::Row => NormAxis::Row,
+            NormAxisArg::Rank => NormAxis::Rank,
+        },
+        target: match a.target {
+            TargetArg::Delta => Target::Delta,
+            TargetArg::Weights => Target::Weights,
+        },
+        weighting: a.weighting,
+        renormalize: matches!(a.renormalize, OnOff::On),
+        server_lr: a.server_lr.unwrap_or(1.0),
+    };
+    fedcdd.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    opt.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(AggregateOptions {
+        algorithm,
+        fedcdd,
+        opt,
+    })
+}
+
+fn cmd_aggregate(a: AggregateArgs) -> Result<()> {
+    let opts = aggregate_options(&a)?;
+    let global = load_adapter(&a.global)?;
+    let mut clients = Vec::with_capacity(a.clients.len());
+    for (i, c) in a.clients.iter().enumerate() {
+        let mut update = load_client(&c.path, i as u32, &global)?;
+        if c.samples.is_some() {
+            update.samples = c.samples;
+        }
+        clients.push(update);
+    }
+    let mut state = match &a.state {
+        Some(p) if p.exists() => ServerStateStore::load(p, &opts)?,
+        _ => ServerStateStore::new(&opts),
+    };
+    let (tensors, report) = aggregate(&global, &clients, &opts, &mut state)?;
+    save_adapter(&a.out, &tensors, global.config.as_ref())?;
+    if let Some(p) = &a.state {
+        state.save(p)?;
+    }
+    eprintln!(
+        "{}: {} clients, {} tensors aggregated, {} kept from the global -> {}",
+        opts.algorithm.name(),
+        clients.len(),
+        report.tensors_aggregated,
+        report.tensors_kept,
+        a.out.display()
+    );
+    if global.config.is_none() {
+        eprintln!(
+            "note: {} has no adapter_config.json; the output holds only the weights",
+            a.global.display()
+        );
+    }
+    for (i, c) in clients.iter().enumerate() {
+        let agree = report.mean_agreement[i]
+            .map(|v| format!("  mean agreement v={v:+.4}"))
+            .unwrap_or_default();
+        eprintln!(
+            "  {}  p={:.4}  {} bytes{agree}",
+            c.label(),
+            report.sample_weights[i],
+            c.bytes
+        );
+    }
+    if report.fallbacks > 0 {
+        eprintln!(
+            "  {} tensors had no positive agreement and used p_i weights",
+            report.fallbacks
+        );
+    }
+    if let Some(path) = &a.report {
+        let json = serde_json::json!({
+            "algorithm": opts.algorithm.name(),
+            "server_steps": state.steps,
+            "tensors_aggregated": report.tensors_aggregated,
+            "tensors_kept": report.tensors_kept,
+            "fedcdd_fallbacks": report.fallbacks,
+            "clients": clients.iter().enumerate().map(|(i, c)| serde_json::json!({
+                "source": c.source.display().to_string(),
+                "client_id": c.client_id,
+                "samples": c.samples,
+                "weight": report.sample_weights[i],
+                "mean_agreement": report.mean_agreement[i],
+                "bytes": c.bytes,
+            })).collect::<Vec<_>>(),
+        });
+        write_json(path, &json)?;
+    }
+    Ok(())
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let mut text = serde_json::to_vec_pretty(value).context("cannot serialize JSON")?;
+    text.push(b'\n');
+    write_atomic(path, &text)
+}
+
+fn cmd_encode(a: EncodeArgs) -> Result<()> {
+    let global = load_adapter(&a.global)?;
+    let local = load_adapter(&a.local)?;
+    let opts = EncodeOptions {
+        mask: MaskConfig {
+            keep_ratio: a.keep_ratio,
+            noise_scale: a.noise_scale,
+            importance: match a.importance {
+                ImportanceArg::ColumnL2 => Importance::ColumnL2,
+                ImportanceArg::ElementAbs => Importance::ElementAbs,
+            },
+        },
+        seed: a.seed,
+        round: a.round,
+        client_id: a.client_id,
+        samples: a.samples,
+        dtype: a.dtype.map(|d| match d {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::F16 => DType::F16,
+            DTypeArg::Bf16 => DType::BF16,
+        }),
+        algorithm: a.algorithm.algorithm(),
+    };
+    let (bytes, summary) = encode_update(&global, &local, &opts)?;
+    write_atomic(&a.out, &bytes)?;
+    let kept: usize = summary.iter().map(|t| t.kept).sum();
+    let cols: usize = summary.iter().map(|t| t.cols).sum();
+    eprintln!(
+        "wrote {} ({} bytes): {} tensors, {kept} of {cols} columns kept",
+        a.out.display(),
+        bytes.len(),
+        summary.len()
+    );
+    Ok(())
+}
+
+fn read_upload_file(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read upload {}", path.display()))
+}
+
+fn cmd_decode(a: DecodeArgs) -> Result<()> {
+    let global = load_adapter(&a.global)?;
+    let bytes = read_upload_file(&a.update)?;
+    let update = decode_update(&bytes, &a.update, &global)?;
+    let tensors = apply_update(&global, &update);
+    save_adapter(&a.out, &tensors, global.config.as_ref())?;
+    eprintln!(
+        "wrote {} ({} tensors updated)",
+        a.out.display(),
+        update.deltas.len()
+    );
+    Ok(())
+}
+
+fn cmd_inspect(a: InspectArgs) -> Result<()> {
+    let bytes = read_upload_file(&a.update)?;
+    let src = a.update.display();
+    let upload = Upload::parse(&bytes).map_err(|e| {
+        let at = e
+            .tensor
+            .map(|i| format!(" (tensor record #{i})"))
+            .unwrap_or_default();
+        anyhow::anyhow!("upload {src}{at}: {}", e.kind)
+    })?;
+    let h = upload.header;
+    let mut rows = Vec::new();
+    let mut dense_equivalent = 0usize;
+    for rec in upload.records() {
+        let rec = rec.map_err(|e| anyhow::anyhow!("upload {src}: {e}"))?;
+        dense_equivalent += rec.layout.len() * rec.dtype.size();
+        let (kind, sigma, seed) = match rec.payload {
+            Payload::Dense { .. } => ("dense", None, None),
+            Payload::Masked { sigma, seed, .. } => ("masked", Some(sigma), Some(seed)),
+        };
+        let units = match rec.payload {
+            Payload::Masked { importance, .. } => importance.units(&rec.layout).1,
+            Payload::Dense { .. } => rec.layout.cols,
+        };
+        let shown = if a.full {
+            rec.kept_count()
+        } else {
+            rec.kept_count().min(8)
+        };
+        let kept_idx: Vec<u32> = (0..shown).filter_map(|k| rec.kept_index(k)).collect();
+        rows.push(serde_json::json!({
+            "name": rec.name,
+            "shape": rec.dims.iter().collect::<Vec<_>>(),
+            "dtype": rec.dtype.name(),
+            "kind": kind,
+            "kept": rec.kept_count(),
+            "columns": units,
+            "kept_indices": kept_idx,
+            "sigma": sigma,
+            "seed": seed,
+            "bytes": rec.encoded_len,
+        }));
+    }
+    if a.json {
+        let json = serde_json::json!({
+            "path": src.to_string(),
+            "bytes": upload.byte_len,
+            "dense_equivalent_bytes": dense_equivalent,
+            "version": h.version,
+            "round": h.round,
+            "client_id": h.client_id,
+            "num_samples": h.num_samples,
+            "tensors": rows,
+        });
+        println!("{}", serde_json::to_string_pretty(&json)?);
+        return Ok(());
+    }
+    println!(
+        "{src}: fedcdd upload v{} ({} bytes, checksum ok)",
+        h.version, upload.byte_len
+    );
+    println!(
+        "round {}  client {}  samples {}  tensors {}",
+        h.round, h.client_id, h.num_samples, h.num_tensors
+    );
+    println!(
+        "size {} bytes vs {} bytes dense ({:.1}%)",
+        upload.byte_len,
+        dense_equivalent,
+        100.0 * upload.byte_len as f64 / dense_equivalent.max(1) as f64
+    );
+    println!(
+        "{:<64} {:>12} {:>5} {:>6} {:>11} {:>10} {:>9}  kept columns",
+        "tensor", "shape", "dtype", "kind", "kept", "sigma", "bytes"
+    );
+    for r in &rows {
+        let shape: Vec<String> = r["shape"]
+            .as_array()
+            .map(|a| a.iter().map(|d| d.to_string()).collect())
+            .unwrap_or_default();
+        let sigma = r["sigma"]
+            .as_f64()
+            .map(|s| format!("{s:.3e}"))
+            .unwrap_or_else(|| "-".into());
+        let idx: Vec<String> = r["kept_indices"]
+            .as_array()
+            .map(|a| a.iter().map(|d| d.to_string()).collect())
+            .unwrap_or_default();
+        let more = if r["kind"] == "masked" && idx.len() < r["kept"].as_u64().unwrap_or(0) as usize
+        {
+            ",…"
+        } else {
+            ""
+        };
+        let kept_list = if r["kind"] == "dense" {
+            "all".to_string()
+        } else {
+            format!("{}{more}", idx.join(","))
+        };
+        println!(
+            "{:<64} {:>12} {:>5} {:>6} {:>11} {:>10} {:>9}  {}",
+            r["name"].as_str().unwrap_or(""),
+            shape.join("x"),
+            r["dtype"].as_str().unwrap_or(""),
+            r["kind"].as_str().unwrap_or(""),
+            format!("{}/{}", r["kept"], r["columns"]),
+            sigma,
+            r["bytes"],
+            kept_list
+        );
+    }
+    Ok(())
+}
