@@ -10,8 +10,8 @@
 
 use crate::error::{Error, ErrorKind};
 use crate::sweep::{
-    Groups, check_finite_sumsq, check_len, group_axpy, group_axpy2, group_scale_into, group_sumsq,
-    group_sumsq_dot,
+    Groups, check_finite_sumsq, check_len, group_axpy, group_scale_add_into, group_scale_into,
+    group_sumsq, group_sumsq_dot,
 };
 use crate::tensor::{Element, Layout, TensorRole, TensorView};
 use crate::{EPS, with_view};
@@ -127,10 +127,10 @@ impl FedCddConfig {
         if !self.server_lr.is_finite() {
             return Err(ErrorKind::BadConfig("server_lr must be finite").into());
         }
-        if let Weighting::Softmax { tau } = self.weighting {
-            if !(tau > 0.0 && tau.is_finite()) {
-                return Err(ErrorKind::BadConfig("softmax temperature must be > 0").into());
-            }
+        if let Weighting::Softmax { tau } = self.weighting
+            && !(tau > 0.0 && tau.is_finite())
+        {
+            return Err(ErrorKind::BadConfig("softmax temperature must be > 0").into());
         }
         Ok(())
     }
@@ -292,47 +292,10 @@ impl<'w, 'g> StreamingFedCdd<'w, 'g> {
     /// Pass 1 for one client: accumulates `Σ n_i m_i` and `U = Σ û_i`.
     /// `client` only labels errors; `n` is the client's sample count (any positive scale).
     pub fn pass1(&mut self, client: u32, n: f32, update: TensorView<'_>) -> Result<(), Error> {
-        self.pass1_inner(n, update)
-            .map_err(|e| e.with_client(client))
-    }
-
-    fn pass1_inner(&mut self, n: f32, update: TensorView<'_>) -> Result<(), Error> {
         if self.phase != Phase::Pass1 {
             return Err(ErrorKind::Protocol("pass1 after pass2 began").into());
         }
-        check_weight(n)?;
-        check_len(self.layout.len(), update.len())?;
-        if self.cfg.target == Target::Weights {
-            with_view!(update, |s| load_theta(s, self.global_f32, self.theta));
-            let theta = core::mem::take(&mut self.theta);
-            let result = self.pass1_typed(n, &*theta);
-            self.theta = theta;
-            result
-        } else {
-            with_view!(update, |s| self.pass1_typed(n, s))
-        }
-    }
-
-    fn pass1_typed<T: Element>(&mut self, n: f32, x: &[T]) -> Result<(), Error> {
-        group_sumsq(x, &self.layout, self.groups, self.sq);
-        check_finite_sumsq(x, self.sq)?;
-        // From here on nothing fails: the client is counted.
-        let dnorm = inverse_norms(self.sq, self.dot);
-        for (m, s) in self.mag_acc.iter_mut().zip(self.sq.iter()) {
-            *m += n * libm::sqrtf(*s);
-        }
-        if dnorm > 0.0 {
-            let inv_d = 1.0 / dnorm;
-            for c in self.dot.iter_mut() {
-                *c *= inv_d;
-            }
-            group_axpy(x, &self.layout, self.groups, self.dot, self.unit_sum);
-            self.nonzero1 += 1;
-        }
-        self.count1 += 1;
-        self.n_min1 = self.n_min1.min(n);
-        self.n_sum1 += n;
-        Ok(())
+        self.checked(client, n, update, Self::pass1_typed)
     }
 
     /// Pass 2 for one client (same weight as in pass 1): computes its agreement `v_i` with the
@@ -343,11 +306,6 @@ impl<'w, 'g> StreamingFedCdd<'w, 'g> {
         n: f32,
         update: TensorView<'_>,
     ) -> Result<ClientAgreement, Error> {
-        self.pass2_inner(n, update)
-            .map_err(|e| e.with_client(client))
-    }
-
-    fn pass2_inner(&mut self, n: f32, update: TensorView<'_>) -> Result<ClientAgreement, Error> {
         if self.phase == Phase::Pass1 {
             if self.count1 == 0 {
                 return Err(ErrorKind::NoClients.into());
@@ -355,20 +313,86 @@ impl<'w, 'g> StreamingFedCdd<'w, 'g> {
             self.phase = Phase::Pass2;
             self.track_fallback = self.fallback_possible();
         }
-        check_weight(n)?;
-        check_len(self.layout.len(), update.len())?;
+        self.checked(client, n, update, Self::pass2_typed)
+    }
+
+    /// Checks weight and length, forms θ_i for `target = weights`, and runs `step` on the
+    /// typed values; errors name `client`.
+    fn checked<R>(
+        &mut self,
+        client: u32,
+        n: f32,
+        update: TensorView<'_>,
+        step: fn(&mut Self, f32, Values<'_>) -> Result<R, Error>,
+    ) -> Result<R, Error> {
+        let fail = |e: Error| e.with_client(client);
+        check_weight(n).map_err(fail)?;
+        check_len(self.layout.len(), update.len()).map_err(fail)?;
         if self.cfg.target == Target::Weights {
             with_view!(update, |s| load_theta(s, self.global_f32, self.theta));
             let theta = core::mem::take(&mut self.theta);
-            let result = self.pass2_typed(n, &*theta);
+            let result = step(self, n, Values::F32(&*theta));
             self.theta = theta;
-            result
-        } else {
-            with_view!(update, |s| self.pass2_typed(n, s))
+            return result.map_err(fail);
+        }
+        let values = match update {
+            TensorView::F32(s) => Values::F32(s),
+            TensorView::F16(s) => Values::F16(s),
+            TensorView::BF16(s) => Values::BF16(s),
+        };
+        step(self, n, values).map_err(fail)
+    }
+
+    fn pass1_typed(&mut self, n: f32, x: Values<'_>) -> Result<(), Error> {
+        match x {
+            Values::F32(s) => self.pass1_slice(n, s),
+            Values::F16(s) => self.pass1_slice(n, s),
+            Values::BF16(s) => self.pass1_slice(n, s),
         }
     }
 
-    fn pass2_typed<T: Element>(&mut self, n: f32, x: &[T]) -> Result<ClientAgreement, Error> {
+    fn pass2_typed(&mut self, n: f32, x: Values<'_>) -> Result<ClientAgreement, Error> {
+        match x {
+            Values::F32(s) => self.pass2_slice(n, s),
+            Values::F16(s) => self.pass2_slice(n, s),
+            Values::BF16(s) => self.pass2_slice(n, s),
+        }
+    }
+
+    fn pass1_slice<T: Element>(&mut self, n: f32, x: &[T]) -> Result<(), Error> {
+        group_sumsq(x, &self.layout, self.groups, self.sq);
+        check_finite_sumsq(x, self.sq)?;
+        // From here on nothing fails: the client is counted.
+        let mut dsq = 0.0f32;
+        for ((s, c), m_acc) in self
+            .sq
+            .iter()
+            .zip(self.dot.iter_mut())
+            .zip(self.mag_acc.iter_mut())
+        {
+            let m = libm::sqrtf(*s);
+            *m_acc += n * m;
+            *c = 1.0 / m.max(EPS);
+            let unit = m * *c;
+            dsq += unit * unit;
+        }
+        let dnorm = libm::sqrtf(dsq);
+        if dnorm > 0.0 {
+            // û_i = D_i/‖D_i‖; an all-zero update contributes nothing.
+            let inv_d = 1.0 / dnorm;
+            for c in self.dot.iter_mut() {
+                *c *= inv_d;
+            }
+            group_axpy(x, self.dot, &self.layout, self.groups, self.unit_sum);
+            self.nonzero1 += 1;
+        }
+        self.count1 += 1;
+        self.n_min1 = self.n_min1.min(n);
+        self.n_sum1 += n;
+        Ok(())
+    }
+
+    fn pass2_slice<T: Element>(&mut self, n: f32, x: &[T]) -> Result<ClientAgreement, Error> {
         group_sumsq_dot(
             x,
             self.unit_sum,
@@ -378,7 +402,7 @@ impl<'w, 'g> StreamingFedCdd<'w, 'g> {
             self.dot,
         );
         check_finite_sumsq(x, self.sq)?;
-        // dot[g] = ⟨X_g, U_g⟩; turn sq into 1/max(m, ε) and fold the dots.
+        // dot[g] = ⟨X_g, U_g⟩. Turn sq into 1/max(m, ε) and fold the dots.
         let mut dsq = 0.0f32;
         let mut udot = 0.0f32;
         for (s, d) in self.sq.iter_mut().zip(self.dot.iter()) {
@@ -402,21 +426,16 @@ impl<'w, 'g> StreamingFedCdd<'w, 'g> {
         } else {
             self.cfg.weighting.raw(n, v)
         };
-        let inv = &*self.sq;
+        // Direction coefficient per group: raw · 1/max(m, ε).
+        for (c, inv) in self.dot.iter_mut().zip(self.sq.iter()) {
+            *c = raw * inv;
+        }
+        group_axpy(x, self.dot, &self.layout, self.groups, self.dir_acc);
         if self.track_fallback {
-            group_axpy2(
-                x,
-                &self.layout,
-                self.groups,
-                inv,
-                (raw, self.dir_acc),
-                (n, self.dir_fallback),
-            );
-        } else {
-            for c in self.dot.iter_mut().zip(inv) {
-                *c.0 = raw * c.1;
+            for (c, inv) in self.dot.iter_mut().zip(self.sq.iter()) {
+                *c = n * inv;
             }
-            group_axpy(x, &self.layout, self.groups, self.dot, self.dir_acc);
+            group_axpy(x, self.dot, &self.layout, self.groups, self.dir_fallback);
         }
         self.count2 += 1;
         self.n_sum2 += n;
@@ -486,15 +505,19 @@ impl<'w, 'g> StreamingFedCdd<'w, 'g> {
                 *c *= inv_wsum;
             }
         }
-        group_scale_into(dir, &self.layout, self.groups, self.dot, out);
         let lr = self.cfg.server_lr;
         match self.cfg.target {
-            Target::Delta => with_view!(self.global, |s| {
-                for (o, g) in out.iter_mut().zip(s.iter()) {
-                    *o = g.to_f32() + lr * *o;
+            Target::Delta => {
+                // One sweep: out = G + λ·coef_g·dir.
+                for c in self.dot.iter_mut() {
+                    *c *= lr;
                 }
-            }),
+                with_view!(self.global, |g| {
+                    group_scale_add_into(dir, self.dot, &self.layout, self.groups, g, out)
+                });
+            }
             Target::Weights => {
+                group_scale_into(dir, &self.layout, self.groups, self.dot, out);
                 for (o, g) in out.iter_mut().zip(self.global_f32.iter()) {
                     *o = g + lr * (*o - g);
                 }
@@ -509,23 +532,19 @@ impl<'w, 'g> StreamingFedCdd<'w, 'g> {
     }
 }
 
+/// A client's values with the element type resolved (θ_i is always f32).
+#[derive(Clone, Copy)]
+enum Values<'a> {
+    F32(&'a [f32]),
+    F16(&'a [crate::f16]),
+    BF16(&'a [crate::bf16]),
+}
+
 /// `theta = global + update` in f32.
 fn load_theta<T: Element>(update: &[T], global: &[f32], theta: &mut [f32]) {
     for ((t, u), g) in theta.iter_mut().zip(update).zip(global) {
         *t = g + u.to_f32();
     }
-}
-
-/// From group sums of squares `sq`, writes `1/max(m_g, ε)` into `inv` and returns `‖vec(D)‖`.
-fn inverse_norms(sq: &[f32], inv: &mut [f32]) -> f32 {
-    let mut dsq = 0.0f32;
-    for (i, s) in inv.iter_mut().zip(sq) {
-        let m = libm::sqrtf(*s);
-        *i = 1.0 / m.max(EPS);
-        let unit = m * *i;
-        dsq += unit * unit;
-    }
-    libm::sqrtf(dsq)
 }
 
 #[cfg(feature = "alloc")]

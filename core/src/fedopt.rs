@@ -6,7 +6,7 @@
 use crate::error::{Error, ErrorKind};
 use crate::fedcdd::check_weight;
 use crate::sweep::{check_all_finite, check_len};
-use crate::tensor::{Element, TensorRole, TensorView};
+use crate::tensor::{DType, Element, TensorRole, TensorView};
 use crate::with_view;
 
 /// Every algorithm the project knows, by its CLI/config name.
@@ -288,27 +288,19 @@ impl<'w> MeanAccumulator<'w> {
     /// Writes `sum + Σ w_k x_k` into `next` and swaps if all finite. False if some value was
     /// not finite (nothing changed then).
     fn try_fused(&mut self, chunk: &[ClientView<'_>]) -> bool {
-        let same = |f: fn(&TensorView<'_>) -> bool| chunk.iter().all(|c| f(&c.values));
-        let ok = if same(|v| matches!(v, TensorView::F32(_))) {
-            fused_dispatch::<f32>(self.next, self.sum, chunk, |v| match v {
-                TensorView::F32(s) => s,
-                _ => &[],
-            })
-        } else if same(|v| matches!(v, TensorView::F16(_))) {
-            fused_dispatch::<crate::f16>(self.next, self.sum, chunk, |v| match v {
-                TensorView::F16(s) => s,
-                _ => &[],
-            })
-        } else if same(|v| matches!(v, TensorView::BF16(_))) {
-            fused_dispatch::<crate::bf16>(self.next, self.sum, chunk, |v| match v {
-                TensorView::BF16(s) => s,
-                _ => &[],
-            })
-        } else {
+        let fused = match chunk[0].values.dtype() {
+            DType::F32 => fused_typed::<f32>(self.next, self.sum, chunk),
+            DType::F16 => fused_typed::<crate::f16>(self.next, self.sum, chunk),
+            DType::BF16 => fused_typed::<crate::bf16>(self.next, self.sum, chunk),
+        };
+        let ok = match fused {
+            Some(ok) => ok,
             // Mixed element types: one client per sweep.
-            return chunk
-                .iter()
-                .all(|c| self.try_fused(core::slice::from_ref(c)));
+            None => {
+                return chunk
+                    .iter()
+                    .all(|c| self.try_fused(core::slice::from_ref(c)));
+            }
         };
         if ok {
             core::mem::swap(&mut self.sum, &mut self.next);
@@ -344,20 +336,20 @@ impl<'w> MeanAccumulator<'w> {
     }
 }
 
-fn fused_dispatch<'a, T: Element>(
-    dst: &mut [f32],
-    src: &[f32],
-    chunk: &[ClientView<'a>],
-    slice: fn(&TensorView<'a>) -> &'a [T],
-) -> bool {
-    let x = |k: usize| slice(&chunk[k].values);
-    let w = |k: usize| chunk[k].weight;
-    match chunk.len() {
-        1 => fused_axpy::<1, T>(dst, src, [x(0)], [w(0)]),
-        2 => fused_axpy::<2, T>(dst, src, [x(0), x(1)], [w(0), w(1)]),
-        3 => fused_axpy::<3, T>(dst, src, [x(0), x(1), x(2)], [w(0), w(1), w(2)]),
-        _ => fused_axpy::<4, T>(dst, src, [x(0), x(1), x(2), x(3)], [w(0), w(1), w(2), w(3)]),
+/// Runs [`fused_axpy`] when every client of `chunk` holds `T` values; `None` otherwise.
+fn fused_typed<T: Element>(dst: &mut [f32], src: &[f32], chunk: &[ClientView<'_>]) -> Option<bool> {
+    let mut xs: [&[T]; GROUP] = [&[]; GROUP];
+    let mut ws = [0.0f32; GROUP];
+    for (k, c) in chunk.iter().enumerate() {
+        xs[k] = T::slice_of(c.values)?;
+        ws[k] = c.weight;
     }
+    Some(match chunk.len() {
+        1 => fused_axpy::<1, T>(dst, src, [xs[0]], [ws[0]]),
+        2 => fused_axpy::<2, T>(dst, src, [xs[0], xs[1]], [ws[0], ws[1]]),
+        3 => fused_axpy::<3, T>(dst, src, [xs[0], xs[1], xs[2]], [ws[0], ws[1], ws[2]]),
+        _ => fused_axpy::<4, T>(dst, src, xs, ws),
+    })
 }
 
 /// `dst = src + Σ_k w_k·x_k`, adding the clients in order (so the rounding equals adding
@@ -508,6 +500,7 @@ fn sign(x: f32) -> f32 {
 
 /// SCAFFOLD's server step for one tensor: `G ← G + λ·Δ̄` into `out`, and
 /// `c ← c + (|S|/N_total)·mean_dc` where `mean_dc = mean_i(c_i⁺ − c_i)` over the sampled clients.
+#[allow(clippy::too_many_arguments)]
 pub fn scaffold_server_update(
     global: TensorView<'_>,
     mean_delta: &[f32],

@@ -6,6 +6,8 @@
 //! The normative description is the project's `fedcdd-spec.md`.
 #![no_std]
 #![forbid(unsafe_code)]
+// `!(x > 0.0)` is deliberate throughout: unlike `x <= 0.0` it is also true for NaN.
+#![allow(clippy::neg_cmp_op_on_partial_ord)]
 
 #[cfg(feature = "alloc")]
 extern crate alloc;

@@ -271,7 +271,7 @@ pub fn mask_reconstruct<T: Element, K: KeptColumns>(
             } else if sigma == 0.0 {
                 *o = T::from_f32(0.0);
             } else {
-                *o = T::from_f32(round(sigma * noise.next() as f32));
+                *o = T::from_f32(round(sigma * noise.next_normal() as f32));
             }
         }
     }
@@ -385,7 +385,7 @@ impl<R: TryRng<Error = Infallible>> GaussianStream<R> {
     }
 
     /// The next N(0, 1) sample.
-    pub fn next(&mut self) -> f64 {
+    pub fn next_normal(&mut self) -> f64 {
         if let Some(z) = self.spare.take() {
             return z;
         }

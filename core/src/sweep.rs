@@ -146,13 +146,19 @@ fn col_sumsq_dot_narrow<const C: usize, T: Element>(
 /// `acc[i] += coef[g(i)] · x[i]`, where `g(i)` is the group of element `i`.
 pub(crate) fn group_axpy<T: Element>(
     x: &[T],
+    coef: &[f32],
     layout: &Layout,
     groups: Groups,
-    coef: &[f32],
     acc: &mut [f32],
 ) {
     let cols = layout.cols;
     match groups {
+        Groups::Columns if narrow_cols(cols) => match cols {
+            8 => axpy_narrow::<8, T>(x, coef, acc),
+            16 => axpy_narrow::<16, T>(x, coef, acc),
+            32 => axpy_narrow::<32, T>(x, coef, acc),
+            _ => axpy_narrow::<64, T>(x, coef, acc),
+        },
         Groups::Columns => {
             for (row, arow) in x.chunks_exact(cols).zip(acc.chunks_exact_mut(cols)) {
                 for ((a, v), c) in arow.iter_mut().zip(row).zip(coef) {
@@ -174,43 +180,12 @@ pub(crate) fn group_axpy<T: Element>(
     }
 }
 
-/// Two accumulations in one read of `x`: `acc1 += k1·coef[g]·x`, `acc2 += k2·coef[g]·x`.
-pub(crate) fn group_axpy2<T: Element>(
-    x: &[T],
-    layout: &Layout,
-    groups: Groups,
-    coef: &[f32],
-    (k1, acc1): (f32, &mut [f32]),
-    (k2, acc2): (f32, &mut [f32]),
-) {
-    let cols = layout.cols;
-    match groups {
-        Groups::Columns => {
-            for ((row, a1), a2) in x
-                .chunks_exact(cols)
-                .zip(acc1.chunks_exact_mut(cols))
-                .zip(acc2.chunks_exact_mut(cols))
-            {
-                for (((p, q), v), c) in a1.iter_mut().zip(a2.iter_mut()).zip(row).zip(coef) {
-                    let d = c * v.to_f32();
-                    *p += k1 * d;
-                    *q += k2 * d;
-                }
-            }
-        }
-        Groups::Rows => {
-            for (((row, a1), a2), &c) in x
-                .chunks_exact(cols)
-                .zip(acc1.chunks_exact_mut(cols))
-                .zip(acc2.chunks_exact_mut(cols))
-                .zip(coef)
-            {
-                for ((p, q), v) in a1.iter_mut().zip(a2.iter_mut()).zip(row) {
-                    let d = c * v.to_f32();
-                    *p += k1 * d;
-                    *q += k2 * d;
-                }
-            }
+/// [`group_axpy`] over columns of a matrix `C` wide: the coefficients live in registers.
+fn axpy_narrow<const C: usize, T: Element>(x: &[T], coef: &[f32], acc: &mut [f32]) {
+    let c: [f32; C] = core::array::from_fn(|j| coef[j]);
+    for (row, arow) in x.chunks_exact(C).zip(acc.chunks_exact_mut(C)) {
+        for j in 0..C {
+            arow[j] += c[j] * row[j].to_f32();
         }
     }
 }
@@ -249,6 +224,38 @@ pub(crate) fn group_scale_into(
 /// Independent accumulators of a reduction: enough vector registers in flight that the
 /// add latency never limits a loop to below memory speed (one running sum is a serial chain).
 const LANES: usize = 32;
+
+/// `out[i] = base[i] + coef[g(i)] · x[i]`: the last step of a rule, in one sweep.
+pub(crate) fn group_scale_add_into<T: Element>(
+    x: &[f32],
+    coef: &[f32],
+    layout: &Layout,
+    groups: Groups,
+    base: &[T],
+    out: &mut [f32],
+) {
+    let cols = layout.cols;
+    let rows = x
+        .chunks_exact(cols)
+        .zip(base.chunks_exact(cols))
+        .zip(out.chunks_exact_mut(cols));
+    match groups {
+        Groups::Columns => {
+            for ((row, brow), orow) in rows {
+                for (((o, v), b), c) in orow.iter_mut().zip(row).zip(brow).zip(coef) {
+                    *o = b.to_f32() + c * v;
+                }
+            }
+        }
+        Groups::Rows => {
+            for (((row, brow), orow), &c) in rows.zip(coef) {
+                for ((o, v), b) in orow.iter_mut().zip(row).zip(brow) {
+                    *o = b.to_f32() + c * v;
+                }
+            }
+        }
+    }
+}
 
 /// Sum of squares of a row with [`LANES`] independent accumulators, so the loop vectorises.
 #[inline]

@@ -58,10 +58,18 @@ pub trait Element: Copy + Default + 'static {
     fn from_f32(x: f32) -> Self;
     /// Little-endian bytes of the value.
     fn write_le(self, out: &mut [u8]);
+    /// The slice inside `v` if it holds this element type.
+    fn slice_of(v: TensorView<'_>) -> Option<&[Self]>;
 }
 
 impl Element for f32 {
     const DTYPE: DType = DType::F32;
+    fn slice_of(v: TensorView<'_>) -> Option<&[Self]> {
+        match v {
+            TensorView::F32(s) => Some(s),
+            _ => None,
+        }
+    }
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
@@ -78,6 +86,12 @@ impl Element for f32 {
 
 impl Element for f16 {
     const DTYPE: DType = DType::F16;
+    fn slice_of(v: TensorView<'_>) -> Option<&[Self]> {
+        match v {
+            TensorView::F16(s) => Some(s),
+            _ => None,
+        }
+    }
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
@@ -94,6 +108,12 @@ impl Element for f16 {
 
 impl Element for bf16 {
     const DTYPE: DType = DType::BF16;
+    fn slice_of(v: TensorView<'_>) -> Option<&[Self]> {
+        match v {
+            TensorView::BF16(s) => Some(s),
+            _ => None,
+        }
+    }
     #[inline(always)]
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)

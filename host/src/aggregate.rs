@@ -242,10 +242,10 @@ pub fn aggregate(
                     .map_err(name_err)?;
             }
             for (i, (x, w)) in inputs.iter().zip(&weights).enumerate() {
-                let a = agg
+                agreement_sums[i] += agg
                     .pass2(i as u32, *w, TensorView::F32(x))
-                    .map_err(name_err)?;
-                agreement_sums[i] += a.v;
+                    .map_err(name_err)?
+                    .v;
             }
             let summary = agg.finish(&mut new).map_err(name_err)?;
             report.fallbacks += summary.fell_back as usize;

@@ -147,16 +147,19 @@ pub struct ClientArg {
 }
 
 fn parse_client(s: &str) -> Result<ClientArg, String> {
-    if let Some((path, n)) = s.rsplit_once(':') {
-        if !path.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) {
-            let samples = n
-                .parse::<u64>()
-                .map_err(|e| format!("sample count {n:?}: {e}"))?;
-            return Ok(ClientArg {
-                path: PathBuf::from(path),
-                samples: Some(samples),
-            });
-        }
+    // A trailing `:digits` is a sample count; any other colon belongs to the path.
+    if let Some((path, n)) = s.rsplit_once(':')
+        && !path.is_empty()
+        && !n.is_empty()
+        && n.bytes().all(|b| b.is_ascii_digit())
+    {
+        let samples = n
+            .parse::<u64>()
+            .map_err(|e| format!("sample count {n:?}: {e}"))?;
+        return Ok(ClientArg {
+            path: PathBuf::from(path),
+            samples: Some(samples),
+        });
     }
     Ok(ClientArg {
         path: PathBuf::from(s),
