@@ -16,6 +16,34 @@ use crate::sweep::{
 use crate::tensor::{Element, Layout, TensorRole, TensorView};
 use crate::{EPS, with_view};
 
+/// Agreements `v_i` closer to 0 than this count as 0. The streaming form gets `v_i` from
+/// `⟨û_i, U⟩ − 1`, whose f32 rounding (~1e-7) is above the spec's ε = 1e-8; without this,
+/// orthogonal updates (v = 0 exactly, which must fall back to `p_i`) would get weights from
+/// rounding noise.
+pub const AGREEMENT_TOL: f32 = 1e-5;
+
+/// An aggregated direction group `D̄_g` (a weighted mean of unit vectors) shorter than this
+/// has cancelled: it gets no update rather than f32 rounding noise blown up to unit length.
+pub const CANCEL_TOL: f32 = 1e-5;
+
+/// `v` with rounding-level values snapped to 0 ([`AGREEMENT_TOL`]).
+fn snap_agreement(v: f32) -> f32 {
+    if libm::fabsf(v) < AGREEMENT_TOL {
+        0.0
+    } else {
+        v
+    }
+}
+
+/// The renormalisation factor of an aggregated direction group of norm `norm`.
+fn renorm_factor(norm: f32) -> f32 {
+    if norm < CANCEL_TOL {
+        0.0
+    } else {
+        1.0 / norm.max(EPS)
+    }
+}
+
 /// Which norms make up the consensus ("magnitude") part.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum NormAxis {
@@ -58,8 +86,9 @@ pub enum Weighting {
     PRelu,
     /// `w_i ∝ max(v_i, 0)` (ignores sample counts); same fallback.
     Relu,
-    /// `w_i ∝ p_i·exp(v_i/τ)`. Computed as `exp((v_i − 1)/τ)` (v ≤ 1), which cannot overflow;
-    /// when every term underflows to 0 the weights fall back to `p_i`.
+    /// `w_i ∝ p_i·exp(v_i/τ)`, computed as `exp((v_i − max_k v_k)/τ)` so that no term overflows
+    /// and the largest is 1 (the streaming form keeps a running maximum and rescales its
+    /// accumulator when it grows, as online softmax does).
     Softmax { tau: f32 },
     /// `w_i = p_i`: alignment off.
     Samples,
@@ -76,12 +105,13 @@ impl Weighting {
         )
     }
 
-    /// Unnormalised weight of a client with sample weight `n` and agreement `v`.
-    fn raw(self, n: f32, v: f32) -> f32 {
+    /// Unnormalised weight of a client with sample weight `n` and agreement `v`;
+    /// `v_max` is the softmax shift (the largest agreement so far).
+    fn raw(self, n: f32, v: f32, v_max: f32) -> f32 {
         match self {
             Weighting::PRelu => n * v.max(0.0),
             Weighting::Relu => v.max(0.0),
-            Weighting::Softmax { tau } => n * libm::expf((v - 1.0) / tau),
+            Weighting::Softmax { tau } => n * libm::expf((v - v_max) / tau),
             Weighting::Samples => n,
             Weighting::Uniform => 1.0,
         }
@@ -150,8 +180,13 @@ pub(crate) fn check_weight(n: f32) -> Result<(), Error> {
 pub struct ClientAgreement {
     /// `v_i`: mean cosine similarity of this client's direction to the others'.
     pub v: f32,
-    /// Unnormalised direction weight (normalised by [`FedCddSummary::weight_sum`]).
+    /// Unnormalised direction weight at the time of the call; [`FedCddSummary::weight_of`]
+    /// turns it into the weight `w_i` actually used.
     pub raw_weight: f32,
+    /// The client's sample weight `n_i`.
+    pub samples: f32,
+    /// Softmax only: the shift (largest agreement so far) `raw_weight` is relative to.
+    pub shift: f32,
 }
 
 /// What [`StreamingFedCdd::finish`] reports.
@@ -162,6 +197,27 @@ pub struct FedCddSummary {
     pub weight_sum: f32,
     /// True when the agreement weights summed below ε and `w_i = p_i` was used.
     pub fell_back: bool,
+    /// Sum of the sample weights `Σ n_i`.
+    pub sample_sum: f32,
+    /// Softmax only: the final shift (largest agreement).
+    pub shift: f32,
+    pub weighting: Weighting,
+}
+
+impl FedCddSummary {
+    /// The normalised direction weight `w_i` a client of pass 2 got.
+    pub fn weight_of(&self, a: &ClientAgreement) -> f32 {
+        if self.fell_back {
+            return a.samples / self.sample_sum;
+        }
+        let raw = match self.weighting {
+            Weighting::Softmax { tau } if self.clients > 1 => {
+                a.raw_weight * libm::expf((a.shift - self.shift) / tau)
+            }
+            _ => a.raw_weight,
+        };
+        raw / self.weight_sum
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -206,6 +262,8 @@ pub struct StreamingFedCdd<'w, 'g> {
     n_sum1: f32,
     n_sum2: f32,
     raw_sum: f32,
+    /// Largest agreement of pass 2 so far (the softmax shift).
+    v_max: f32,
 }
 
 impl<'w, 'g> StreamingFedCdd<'w, 'g> {
@@ -286,6 +344,7 @@ impl<'w, 'g> StreamingFedCdd<'w, 'g> {
             n_sum1: 0.0,
             n_sum2: 0.0,
             raw_sum: 0.0,
+            v_max: f32::NEG_INFINITY,
         })
     }
 
@@ -417,14 +476,27 @@ impl<'w, 'g> StreamingFedCdd<'w, 'g> {
         let count = self.count1;
         let v = if dnorm > 0.0 && count > 1 {
             // Σ_{k≠i} ⟨û_i, û_k⟩ = ⟨û_i, U⟩ − ‖û_i‖², and ‖û_i‖ = 1.
-            (udot / dnorm - 1.0) / (count - 1) as f32
+            snap_agreement((udot / dnorm - 1.0) / (count - 1) as f32)
         } else {
             0.0
         };
+        if let Weighting::Softmax { tau } = self.cfg.weighting
+            && v > self.v_max
+        {
+            // Online softmax: re-base what was accumulated on the new maximum.
+            if self.v_max.is_finite() {
+                let scale = libm::expf((self.v_max - v) / tau);
+                for d in self.dir_acc.iter_mut() {
+                    *d *= scale;
+                }
+                self.raw_sum *= scale;
+            }
+            self.v_max = v;
+        }
         let raw = if count == 1 {
             1.0
         } else {
-            self.cfg.weighting.raw(n, v)
+            self.cfg.weighting.raw(n, v, self.v_max)
         };
         // Direction coefficient per group: raw · 1/max(m, ε).
         for (c, inv) in self.dot.iter_mut().zip(self.sq.iter()) {
@@ -440,7 +512,12 @@ impl<'w, 'g> StreamingFedCdd<'w, 'g> {
         self.count2 += 1;
         self.n_sum2 += n;
         self.raw_sum += raw;
-        Ok(ClientAgreement { v, raw_weight: raw })
+        Ok(ClientAgreement {
+            v,
+            raw_weight: raw,
+            samples: n,
+            shift: self.v_max,
+        })
     }
 
     /// After pass 1: can the agreement weights still sum below ε? `Σ_i v_i` is known from
@@ -452,9 +529,9 @@ impl<'w, 'g> StreamingFedCdd<'w, 'g> {
         if !self.cfg.weighting.has_fallback() || n <= 1 {
             return false;
         }
-        if let Weighting::Softmax { tau } = self.cfg.weighting {
-            // Every term is ≥ p_i·exp(−2/τ): it can only underflow when τ is tiny.
-            return tau < 0.05 || self.n_min1 <= 0.0;
+        if let Weighting::Softmax { .. } = self.cfg.weighting {
+            // The largest term is n·exp(0): the sum can only vanish with a zero sample weight.
+            return !(self.n_min1 > 0.0);
         }
         let u_sq: f32 = self.unit_sum.iter().map(|u| u * u).sum();
         let mean_v = (u_sq - self.nonzero1 as f32) / (n as f32 * (n - 1) as f32);
@@ -498,7 +575,7 @@ impl<'w, 'g> StreamingFedCdd<'w, 'g> {
             group_sumsq(&*dir, &self.layout, self.groups, self.sq);
             for (c, s) in self.dot.iter_mut().zip(self.sq.iter()) {
                 let norm = libm::sqrtf(*s) * inv_wsum;
-                *c *= inv_wsum / norm.max(EPS);
+                *c *= inv_wsum * renorm_factor(norm);
             }
         } else {
             for c in self.dot.iter_mut() {
@@ -528,6 +605,9 @@ impl<'w, 'g> StreamingFedCdd<'w, 'g> {
             clients: self.count1,
             weight_sum: self.raw_sum,
             fell_back,
+            sample_sum: self.n_sum1,
+            shift: self.v_max,
+            weighting: self.cfg.weighting,
         })
     }
 }
@@ -653,14 +733,15 @@ mod batch {
                             .sum::<f32>();
                     }
                 }
-                agreement[i] = s / (nc - 1) as f32;
+                agreement[i] = snap_agreement(s / (nc - 1) as f32);
             }
         }
         let raw: Vec<f32> = if nc == 1 {
             vec![1.0]
         } else {
+            let v_max = agreement.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             (0..nc)
-                .map(|i| cfg.weighting.raw(clients[i].samples, agreement[i]))
+                .map(|i| cfg.weighting.raw(clients[i].samples, agreement[i], v_max))
                 .collect()
         };
         let raw_sum: f32 = raw.iter().sum();
@@ -689,7 +770,7 @@ mod batch {
             let mut sq = vec![0.0; ng];
             group_sumsq(&dbar[..], &layout, groups, &mut sq);
             for (c, s) in coef.iter_mut().zip(&sq) {
-                *c /= libm::sqrtf(*s).max(EPS);
+                *c *= renorm_factor(libm::sqrtf(*s));
             }
         }
         group_scale_into(&dbar, &layout, groups, &coef, out);

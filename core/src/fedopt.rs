@@ -109,10 +109,11 @@ pub enum FedOptVariant {
     /// Reddi et al. 2021 as in the spec's table.
     #[default]
     Reddi,
-    /// As OpenFedLLM's server code: `Δ̄` is the uniform mean of the client updates, the first
-    /// round sets `m = Δ̄`, the second moment is fed `m²` instead of `Δ̄²` (Adagrad included,
-    /// which then also keeps `m`), and FedAvgM's momentum is an average:
-    /// `m ← β m + (1−β)Δ̄; G ← G + m`.
+    /// As OpenFedLLM's server code: for FedAdagrad/FedYogi/FedAdam `Δ̄` is the uniform mean of
+    /// the client updates; FedYogi/FedAdam set `m = Δ̄` in the first round and feed `m²`
+    /// instead of `Δ̄²` to the second moment (FedAdagrad keeps no momentum, as Reddi's);
+    /// FedAvgM's momentum is an average, `m ← β m + (1−β)Δ̄` (first round `m = Δ̄`), and
+    /// `G ← G + m` without a server rate.
     OpenFedLlm,
 }
 
@@ -165,8 +166,7 @@ impl ServerOptConfig {
         match (self.rule, self.variant) {
             (ServerOpt::FedAvg, _) => (false, false),
             (ServerOpt::FedAvgM, _) => (true, false),
-            (ServerOpt::FedAdagrad, FedOptVariant::Reddi) => (false, true),
-            (ServerOpt::FedAdagrad, FedOptVariant::OpenFedLlm) => (true, true),
+            (ServerOpt::FedAdagrad, _) => (false, true),
             (ServerOpt::FedYogi | ServerOpt::FedAdam, _) => (true, true),
         }
     }
@@ -270,7 +270,7 @@ impl<'w> MeanAccumulator<'w> {
                 return Err(e);
             }
         }
-        for chunk in clients.chunks(GROUP) {
+        for chunk in same_type_runs(clients) {
             if !self.try_fused(chunk) {
                 // Some value was not finite: add the clients before the culprit one by one.
                 for c in chunk {
@@ -334,6 +334,24 @@ impl<'w> MeanAccumulator<'w> {
         }
         Ok(())
     }
+}
+
+/// Splits `clients` into runs of at most [`GROUP`] clients with one element type.
+fn same_type_runs<'c, 'a>(
+    clients: &'c [ClientView<'a>],
+) -> impl Iterator<Item = &'c [ClientView<'a>]> {
+    let mut rest = clients;
+    core::iter::from_fn(move || {
+        let first = rest.first()?.values.dtype();
+        let len = rest
+            .iter()
+            .take(GROUP)
+            .take_while(|c| c.values.dtype() == first)
+            .count();
+        let (chunk, tail) = rest.split_at(len);
+        rest = tail;
+        Some(chunk)
+    })
 }
 
 /// Runs [`fused_axpy`] when every client of `chunk` holds `T` values; `None` otherwise.
@@ -458,13 +476,13 @@ pub fn apply_server_opt(
                 }
             }
         }
-        ServerOpt::FedAdagrad if !openfedllm => {
+        ServerOpt::FedAdagrad => {
             for ((o, d), v) in out.iter_mut().zip(mean_delta).zip(state.v.iter_mut()) {
                 *v += d * d;
                 *o += lr * d / (libm::sqrtf(*v) + tau);
             }
         }
-        ServerOpt::FedAdagrad | ServerOpt::FedYogi | ServerOpt::FedAdam => {
+        ServerOpt::FedYogi | ServerOpt::FedAdam => {
             for (((o, d), m), v) in out
                 .iter_mut()
                 .zip(mean_delta)
@@ -474,10 +492,10 @@ pub fn apply_server_opt(
                 *m = ema(*m, *d);
                 // The second moment's input: Δ̄² (Reddi) or m² (OpenFedLLM).
                 let sq = if openfedllm { *m * *m } else { d * d };
-                *v = match cfg.rule {
-                    ServerOpt::FedAdagrad => *v + sq,
-                    ServerOpt::FedYogi => *v - (1.0 - b2) * sq * sign(*v - sq),
-                    _ => b2 * *v + (1.0 - b2) * sq,
+                *v = if cfg.rule == ServerOpt::FedYogi {
+                    *v - (1.0 - b2) * sq * sign(*v - sq)
+                } else {
+                    b2 * *v + (1.0 - b2) * sq
                 };
                 *o += lr * *m / (libm::sqrtf(*v) + tau);
             }

@@ -69,10 +69,12 @@ impl MaskConfig {
     }
 
     /// `K = max(1, ceil(ρ·C))` columns kept out of `cols`. ρ·C is rounded up after
-    /// discounting f32's representation error of ρ (relative 1e-7), so ρ = 0.1 of 10 is 1.
+    /// discounting f32's representation error of ρ (relative 2⁻²⁴, at most half a column),
+    /// so ρ = 0.1 of 10 is 1 and ρ = 1 is every column.
     pub fn kept_count(&self, cols: usize) -> usize {
         let x = self.keep_ratio as f64 * cols as f64;
-        let k = libm::ceil(x * (1.0 - 1e-7)) as usize;
+        let slack = (x * 6e-8).min(0.5);
+        let k = libm::ceil(x - slack) as usize;
         k.clamp(1, cols)
     }
 }
@@ -156,13 +158,21 @@ pub fn mask_encode<T: Element>(
             values_out[c * rows + r] = x[r * cols + j as usize];
         }
     }
-    let kept_sq: f32 = kept.iter().map(|&j| norms[j as usize]).sum();
-    let total_sq: f32 = norms.iter().sum();
+    // Sum the masked columns directly (not total − kept, which cancels badly when the kept
+    // columns hold most of the energy).
+    let mut masked_sq = 0.0f32;
+    let mut next_kept = kept.iter().peekable();
+    for (j, s) in norms.iter().enumerate() {
+        if next_kept.peek().is_some_and(|&&kj| kj as usize == j) {
+            next_kept.next();
+        } else {
+            masked_sq += s;
+        }
+    }
     let masked_count = rows * (cols - k);
     let sigma = if masked_count == 0 || cfg.noise_scale == 0.0 {
         0.0
     } else {
-        let masked_sq = (total_sq - kept_sq).max(0.0);
         cfg.noise_scale * libm::sqrtf(masked_sq / masked_count as f32)
     };
     Ok(MaskedSummary { kept: k, sigma })

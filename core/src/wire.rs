@@ -419,8 +419,12 @@ impl<'b> UploadWriter<'b> {
         dims: &[usize],
         values: &[T],
     ) -> Result<(), Error> {
-        let layout = self.write_head::<T>(name, dims, PayloadHead::Dense)?;
-        check_len(layout.len(), values.len()).map_err(|e| e.with_tensor(self.written))?;
+        // Check the values before writing anything: a rejected call leaves no partial record.
+        let index = self.written;
+        let layout =
+            Layout::from_dims(dims, TensorRole::Other).map_err(|e| e.with_tensor(index))?;
+        check_len(layout.len(), values.len()).map_err(|e| e.with_tensor(index))?;
+        self.write_head::<T>(name, dims, PayloadHead::Dense)?;
         self.put_values(values.iter().copied())?;
         self.written += 1;
         Ok(())

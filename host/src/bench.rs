@@ -7,6 +7,7 @@
 //! (all clients of one tensor, then the next), so accumulators stay in cache and only the
 //! client data streams from memory.
 
+use std::fmt::Write as _;
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -245,25 +246,29 @@ pub fn run_aggregate_bench(a: &AggregateBenchArgs) -> Result<()> {
                 })
             }).collect::<Vec<_>>(),
         });
-        println!("{}", serde_json::to_string_pretty(&json)?);
-        return Ok(());
+        return crate::cli::print_stdout(&format!("{}\n", serde_json::to_string_pretty(&json)?));
     }
-    println!(
+    let mut text = String::new();
+    writeln!(
+        text,
         "{} clients × {} params ({} tensors of {}×{} / {}×{}), f32, best of {}",
         a.clients, p, tensors, RANK, WIDTH, WIDTH, RANK, a.repeats
-    );
-    println!(
+    )?;
+    writeln!(
+        text,
         "reference: plain read of the client data, 1 thread: {:.2} GB/s ({:.3} s)",
         bandwidth / 1e9,
         read_s
-    );
-    println!(
+    )?;
+    writeln!(
+        text,
         "{:<18} {:>6} {:>10} {:>10} {:>10} {:>8}",
         "rule", "reads", "seconds", "GB/s", "bound s", "ratio"
-    );
+    )?;
     for r in &rows {
         let bound = r.reads as f64 * bytes_per_read / bandwidth;
-        println!(
+        writeln!(
+        text,
             "{:<18} {:>6} {:>10.4} {:>10.2} {:>10.4} {:>7.0}%",
             r.name,
             r.reads,
@@ -271,12 +276,13 @@ pub fn run_aggregate_bench(a: &AggregateBenchArgs) -> Result<()> {
             r.reads as f64 * bytes_per_read / r.seconds / 1e9,
             bound,
             100.0 * bound / r.seconds
-        );
+        )?;
     }
-    println!(
+    writeln!(
+        text,
         "ratio = bandwidth-bound time / measured time (targets: fedavg >= 70%, fedcdd streaming >= 50%)"
-    );
-    Ok(())
+    )?;
+    crate::cli::print_stdout(&text)
 }
 
 fn core_err(e: fedcdd_core::Error) -> anyhow::Error {

@@ -1,5 +1,7 @@
 //! Argument parsing and printing only: each command parses, calls the library, prints.
 
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -508,6 +510,7 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
             "bytes": rec.encoded_len,
         }));
     }
+    let mut text = String::new();
     if a.json {
         let json = serde_json::json!({
             "path": src.to_string(),
@@ -519,27 +522,30 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
             "num_samples": h.num_samples,
             "tensors": rows,
         });
-        println!("{}", serde_json::to_string_pretty(&json)?);
-        return Ok(());
+        return print_stdout(&format!("{}\n", serde_json::to_string_pretty(&json)?));
     }
-    println!(
+    writeln!(
+        text,
         "{src}: fedcdd upload v{} ({} bytes, checksum ok)",
         h.version, upload.byte_len
-    );
-    println!(
+    )?;
+    writeln!(
+        text,
         "round {}  client {}  samples {}  tensors {}",
         h.round, h.client_id, h.num_samples, h.num_tensors
-    );
-    println!(
+    )?;
+    writeln!(
+        text,
         "size {} bytes vs {} bytes dense ({:.1}%)",
         upload.byte_len,
         dense_equivalent,
         100.0 * upload.byte_len as f64 / dense_equivalent.max(1) as f64
-    );
-    println!(
+    )?;
+    writeln!(
+        text,
         "{:<64} {:>12} {:>5} {:>6} {:>11} {:>10} {:>9}  kept columns",
         "tensor", "shape", "dtype", "kind", "kept", "sigma", "bytes"
-    );
+    )?;
     for r in &rows {
         let shape: Vec<String> = r["shape"]
             .as_array()
@@ -564,7 +570,8 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
         } else {
             format!("{}{more}", idx.join(","))
         };
-        println!(
+        writeln!(
+        text,
             "{:<64} {:>12} {:>5} {:>6} {:>11} {:>10} {:>9}  {}",
             r["name"].as_str().unwrap_or(""),
             shape.join("x"),
@@ -574,7 +581,16 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
             sigma,
             r["bytes"],
             kept_list
-        );
+        )?;
     }
-    Ok(())
+    print_stdout(&text)
+}
+
+/// Writes to stdout; a closed pipe (`fedcdd inspect X | head`) is not an error.
+pub fn print_stdout(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.context("cannot write to stdout"),
+    }
 }
