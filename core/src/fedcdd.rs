@@ -5,7 +5,7 @@
 //! - [`StreamingFedCdd`]: two passes over the clients, one client in memory at a time, all
 //!   state in one caller-provided `f32` buffer of [`StreamingFedCdd::workspace_len`] elements
 //!   (at most `5·P + 3·G` for a tensor of `P` elements and `G` groups, whatever the number of clients).
-//! - [`fedcdd_batch`] (feature `alloc`): all clients at once, written literally after the spec
+//! - `fedcdd_batch` (feature `alloc`): all clients at once, written literally after the spec
 //!   (pairwise cosines); `O(N·P)` memory. It is the cross-check of the streaming form.
 
 use crate::error::{Error, ErrorKind};

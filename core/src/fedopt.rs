@@ -619,14 +619,3 @@ pub fn fedprox_gradient(
     }
     Ok(0.5 * mu * sq)
 }
-
-/// Widens any tensor into an f32 slice (helper for callers that mix dtypes).
-pub fn widen_into(x: TensorView<'_>, out: &mut [f32]) -> Result<(), Error> {
-    check_len(x.len(), out.len())?;
-    with_view!(x, |s| {
-        for (o, v) in out.iter_mut().zip(s.iter()) {
-            *o = Element::to_f32(*v);
-        }
-    });
-    Ok(())
-}

@@ -4,6 +4,21 @@
 //! the wire format of a client upload. `#![no_std]`, no allocator needed: every function takes
 //! caller-provided buffers, documents its memory bound and returns `Result` on bad input.
 //! The normative description is the project's `fedcdd-spec.md`.
+//!
+//! ## Memory bounds
+//!
+//! | API | memory besides its inputs and outputs |
+//! |---|---|
+//! | [`StreamingFedCdd`] | the caller's workspace, [`StreamingFedCdd::workspace_len`] floats (≤ 5·P + 3·G for a tensor of P elements and G norm groups), whatever the number of clients |
+//! | `fedcdd_batch` (feature `alloc`) | O(N·P) on the heap |
+//! | [`MeanAccumulator`] | the caller's 2·P floats |
+//! | [`apply_server_opt`], [`init_server_state`], SCAFFOLD and FedProx helpers | none (the caller's state slices) |
+//! | [`mask_encode`] | the caller's scratch of 2·C words (C columns) |
+//! | [`mask_reconstruct`], [`TensorRecord::reconstruct`] | O(1) |
+//! | [`Upload::parse`], [`Upload::records`], [`UploadWriter`] | O(1): no allocation, a stack buffer of about 1.2 KB for a record head |
+//!
+//! Every fallible function returns [`Error`], which names the client and the tensor (by
+//! index) where one is at fault; no function panics on bad input.
 #![no_std]
 #![forbid(unsafe_code)]
 // `!(x > 0.0)` is deliberate throughout: unlike `x <= 0.0` it is also true for NaN.

@@ -154,7 +154,7 @@ impl<'a> TensorView<'a> {
             TensorView::BF16(_) => DType::BF16,
         }
     }
-    /// Element `i` as f32 (slow path: one match per call; hot loops use [`with_view!`]).
+    /// Element `i` as f32 (slow path: one match per call; hot loops match once and loop over the typed slice).
     pub fn get(&self, i: usize) -> f32 {
         match self {
             TensorView::F32(s) => s[i],

@@ -346,6 +346,10 @@ fn cmd_aggregate(a: AggregateArgs) -> Result<()> {
         }
         clients.push(update);
     }
+    let rounds: std::collections::BTreeSet<u32> = clients.iter().filter_map(|c| c.round).collect();
+    if rounds.len() > 1 {
+        eprintln!("warning: the uploads come from different rounds: {rounds:?}");
+    }
     let mut state = match &a.state {
         Some(p) if p.exists() => ServerStateStore::load(p, &opts)?,
         _ => ServerStateStore::new(&opts),
