@@ -35,7 +35,19 @@ pub(crate) fn group_sumsq<T: Element>(x: &[T], layout: &Layout, groups: Groups, 
             _ => col_sumsq_narrow::<64, T>(x, sq),
         },
         Groups::Columns => {
-            for row in x.chunks_exact(layout.cols) {
+            // Four rows per trip through `sq`: a quarter of the loads and stores of the sums.
+            let cols = layout.cols;
+            let mut quads = x.chunks_exact(4 * cols);
+            for q in &mut quads {
+                let (r0, rest) = q.split_at(cols);
+                let (r1, rest) = rest.split_at(cols);
+                let (r2, r3) = rest.split_at(cols);
+                for ((((s, a), b), c), d) in sq.iter_mut().zip(r0).zip(r1).zip(r2).zip(r3) {
+                    let (a, b, c, d) = (a.to_f32(), b.to_f32(), c.to_f32(), d.to_f32());
+                    *s += (a * a + b * b) + (c * c + d * d);
+                }
+            }
+            for row in quads.remainder().chunks_exact(cols) {
                 for (s, v) in sq.iter_mut().zip(row) {
                     let v = v.to_f32();
                     *s += v * v;
@@ -70,7 +82,29 @@ pub(crate) fn group_sumsq_dot<T: Element>(
             _ => col_sumsq_dot_narrow::<64, T>(x, u, sq, dot),
         },
         Groups::Columns => {
-            for (row, urow) in x.chunks_exact(cols).zip(u.chunks_exact(cols)) {
+            // Two rows per trip through `sq` and `dot`.
+            let mut pairs = x.chunks_exact(2 * cols).zip(u.chunks_exact(2 * cols));
+            for (xq, uq) in &mut pairs {
+                let (x0, x1) = xq.split_at(cols);
+                let (u0, u1) = uq.split_at(cols);
+                for (((((s, d), a), b), p), q) in sq
+                    .iter_mut()
+                    .zip(dot.iter_mut())
+                    .zip(x0)
+                    .zip(x1)
+                    .zip(u0)
+                    .zip(u1)
+                {
+                    let (a, b) = (a.to_f32(), b.to_f32());
+                    *s += a * a + b * b;
+                    *d += a * p + b * q;
+                }
+            }
+            let done = (x.len() / (2 * cols)) * 2 * cols;
+            for (row, urow) in x[done..]
+                .chunks_exact(cols)
+                .zip(u[done..].chunks_exact(cols))
+            {
                 for (((s, d), v), w) in sq.iter_mut().zip(dot.iter_mut()).zip(row).zip(urow) {
                     let v = v.to_f32();
                     *s += v * v;

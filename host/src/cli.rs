@@ -575,7 +575,7 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
             format!("{}{more}", idx.join(","))
         };
         writeln!(
-        text,
+            text,
             "{:<64} {:>12} {:>5} {:>6} {:>11} {:>10} {:>9}  {}",
             r["name"].as_str().unwrap_or(""),
             shape.join("x"),
