@@ -180,10 +180,10 @@ pub fn aggregate(
     let alg = opts.algorithm;
     match alg {
         Algorithm::Scaffold => bail!(
-            "SCAFFOLD's server step needs the clients' control variates; it runs inside `fedcdd run`"
+            "SCAFFOLD's server step also needs the clients' control variates, which adapters and uploads do not carry; it is part of the federated training loop, not of `fedcdd aggregate`"
         ),
         Algorithm::FLora => bail!(
-            "FLoRA merges the stacked adapters into the base model; it runs inside `fedcdd run`"
+            "FLoRA merges the stacked client adapters into the base model weights; it is part of the federated training loop, not of `fedcdd aggregate`"
         ),
         _ => {}
     }

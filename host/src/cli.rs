@@ -171,7 +171,8 @@ fn parse_client(s: &str) -> Result<ClientArg, String> {
 
 #[derive(Args, Debug)]
 pub struct AggregateArgs {
-    /// Aggregation rule. scaffold and flora need the training loop (`fedcdd run`).
+    /// Aggregation rule. scaffold and flora are accepted only to explain that they need the
+    /// federated training loop (control variates; merging into the base model).
     #[arg(long, value_enum)]
     pub algorithm: AlgorithmArg,
     /// Current global adapter (PEFT directory or .safetensors).
@@ -335,9 +336,25 @@ fn aggregate_options(a: &AggregateArgs) -> Result<AggregateOptions> {
     })
 }
 
+/// Loads the global adapter and rejects NaN/Inf in it, so that no client is blamed for it
+/// and no rule copies it into an output.
+fn load_global(path: &Path) -> Result<crate::adapter::Adapter> {
+    let global = load_adapter(path)?;
+    for t in &global.tensors {
+        if let Some(i) = t.data.iter().position(|v| !v.is_finite()) {
+            anyhow::bail!(
+                "global adapter {}: tensor {:?} holds a non-finite value at index {i}",
+                path.display(),
+                t.name
+            );
+        }
+    }
+    Ok(global)
+}
+
 fn cmd_aggregate(a: AggregateArgs) -> Result<()> {
     let opts = aggregate_options(&a)?;
-    let global = load_adapter(&a.global)?;
+    let global = load_global(&a.global)?;
     let mut clients = Vec::with_capacity(a.clients.len());
     for (i, c) in a.clients.iter().enumerate() {
         let mut update = load_client(&c.path, i as u32, &global)?;
@@ -418,7 +435,7 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
 }
 
 fn cmd_encode(a: EncodeArgs) -> Result<()> {
-    let global = load_adapter(&a.global)?;
+    let global = load_global(&a.global)?;
     let local = load_adapter(&a.local)?;
     let opts = EncodeOptions {
         mask: MaskConfig {
@@ -458,7 +475,7 @@ fn read_upload_file(path: &Path) -> Result<Vec<u8>> {
 }
 
 fn cmd_decode(a: DecodeArgs) -> Result<()> {
-    let global = load_adapter(&a.global)?;
+    let global = load_global(&a.global)?;
     let bytes = read_upload_file(&a.update)?;
     let update = decode_update(&bytes, &a.update, &global)?;
     let tensors = apply_update(&global, &update);
