@@ -8,13 +8,15 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use fedcdd_core::{
     Algorithm, DType, FedCddConfig, FedOptVariant, Importance, MaskConfig, NormAxis, Payload,
-    ServerOpt, ServerOptConfig, Target, Upload, Weighting,
+    ServerOpt, ServerOptConfig, Target, Weighting,
 };
 
 use crate::adapter::{load_adapter, save_adapter, write_atomic};
 use crate::aggregate::{AggregateOptions, ServerStateStore, aggregate};
 use crate::bench;
-use crate::update::{EncodeOptions, apply_update, decode_update, encode_update, load_client};
+use crate::update::{
+    EncodeOptions, apply_update, decode_update, encode_update, load_client, parse_upload,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -491,13 +493,7 @@ fn cmd_decode(a: DecodeArgs) -> Result<()> {
 fn cmd_inspect(a: InspectArgs) -> Result<()> {
     let bytes = read_upload_file(&a.update)?;
     let src = a.update.display();
-    let upload = Upload::parse(&bytes).map_err(|e| {
-        let at = e
-            .tensor
-            .map(|i| format!(" (tensor record #{i})"))
-            .unwrap_or_default();
-        anyhow::anyhow!("upload {src}{at}: {}", e.kind)
-    })?;
+    let upload = parse_upload(&bytes, &a.update)?;
     let h = upload.header;
     let mut rows = Vec::new();
     let mut dense_equivalent = 0usize;

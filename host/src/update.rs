@@ -4,11 +4,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use fedcdd_core::mask::{KeptSlices, MaskScratch, SplitMix64};
+use fedcdd_core::mask::{MaskScratch, SplitMix64};
 use fedcdd_core::wire::MAGIC;
 use fedcdd_core::{
     Algorithm, DType, Element, Layout, MaskConfig, Upload, UploadHeader, UploadWriter, bf16, f16,
-    mask_encode, mask_reconstruct,
+    mask_encode,
 };
 
 use crate::adapter::{Adapter, Tensor, load_adapter};
@@ -280,71 +280,27 @@ fn round_to(dtype: DType, x: &[f32]) -> Vec<f32> {
     }
 }
 
-/// The client's own masked update, computed from its kept columns (not from the bytes):
-/// what the server must reconstruct bit for bit.
-pub fn client_masked_tensor(
-    t: &Tensor,
-    mask: &MaskConfig,
-    seed: u64,
-    index: u32,
-) -> Result<Vec<f32>> {
-    let layout = layout_of(t)?;
-    let (rows, cols) = mask.importance.units(&layout);
-    let sent = round_to(t.dtype, &t.data);
-    let k = mask.kept_count(cols);
-    let (mut norms, mut order) = (vec![0.0; cols], vec![0u32; cols]);
-    let (mut kept, mut values) = (vec![0u32; k], vec![0.0f32; k * rows]);
-    let s = mask_encode(
-        &sent,
-        &layout,
-        mask,
-        MaskScratch {
-            norms: &mut norms,
-            order: &mut order,
-        },
-        &mut kept,
-        &mut values,
-    )
-    .map_err(core_err)?;
-    let mut out = vec![0.0f32; t.data.len()];
-    if s.kept == cols {
-        out.copy_from_slice(&sent);
-    } else {
-        let src = KeptSlices {
-            kept: &kept,
-            values: &values,
-        };
-        mask_reconstruct(
-            &layout,
-            mask.importance,
-            &src,
-            s.sigma,
-            seed,
-            index,
-            t.dtype,
-            &mut out,
-        )
-        .map_err(core_err)?;
-    }
-    Ok(out)
-}
-
 /// Whether `bytes` start like an upload (rather than a safetensors file).
 pub fn looks_like_upload(bytes: &[u8]) -> bool {
     bytes.len() >= 4 && bytes[..4] == MAGIC
+}
+
+/// Validates upload bytes; errors name the file and the faulty tensor record.
+pub fn parse_upload<'a>(bytes: &'a [u8], source: &Path) -> Result<Upload<'a>> {
+    Upload::parse(bytes).map_err(|e| {
+        let at = e
+            .tensor
+            .map(|i| format!(" (tensor record #{i})"))
+            .unwrap_or_default();
+        anyhow::anyhow!("upload {}{at}: {}", source.display(), e.kind)
+    })
 }
 
 /// Decodes an upload into per-tensor updates (reconstructing masked tensors).
 /// `expected` (the global adapter) bounds every declared shape before anything is allocated.
 pub fn decode_update(bytes: &[u8], source: &Path, expected: &Adapter) -> Result<ClientUpdate> {
     let src = source.display();
-    let upload = Upload::parse(bytes).map_err(|e| {
-        let at = e
-            .tensor
-            .map(|i| format!(" (tensor record #{i})"))
-            .unwrap_or_default();
-        anyhow::anyhow!("upload {src}{at}: {}", e.kind)
-    })?;
+    let upload = parse_upload(bytes, source)?;
     let h = upload.header;
     let mut deltas: Vec<Tensor> = Vec::with_capacity(h.num_tensors as usize);
     for rec in upload.records() {
