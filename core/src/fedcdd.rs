@@ -13,6 +13,7 @@ use crate::sweep::{
     Groups, check_finite_sumsq, check_len, group_axpy, group_scale_add_into, group_scale_into,
     group_sumsq, group_sumsq_dot,
 };
+use crate::sweep::{dot_lanes, sqrt, sum_lanes};
 use crate::tensor::{Element, Layout, TensorRole, TensorView};
 use crate::{EPS, with_view};
 
@@ -25,6 +26,9 @@ pub const AGREEMENT_TOL: f32 = 1e-5;
 /// An aggregated direction group `D̄_g` (a weighted mean of unit vectors) shorter than this
 /// has cancelled: it gets no update rather than f32 rounding noise blown up to unit length.
 pub const CANCEL_TOL: f32 = 1e-5;
+
+/// 1/ε², to turn a squared group norm into `min(m/ε, 1)²` without a square root.
+const INV_EPS_SQ: f32 = 1.0 / (EPS * EPS);
 
 /// `v` with rounding-level values snapped to 0 ([`AGREEMENT_TOL`]).
 fn snap_agreement(v: f32) -> f32 {
@@ -422,20 +426,19 @@ impl<'w, 'g> StreamingFedCdd<'w, 'g> {
         group_sumsq(x, &self.layout, self.groups, self.sq);
         check_finite_sumsq(x, self.sq)?;
         // From here on nothing fails: the client is counted.
-        let mut dsq = 0.0f32;
+        // ‖D_i‖² = Σ_g (m_g / max(m_g, ε))² = Σ_g min(s_g/ε², 1).
+        let dsq = sum_lanes(self.sq, |s| (s * INV_EPS_SQ).min(1.0));
         for ((s, c), m_acc) in self
             .sq
             .iter()
             .zip(self.dot.iter_mut())
             .zip(self.mag_acc.iter_mut())
         {
-            let m = libm::sqrtf(*s);
+            let m = sqrt(*s);
             *m_acc += n * m;
             *c = 1.0 / m.max(EPS);
-            let unit = m * *c;
-            dsq += unit * unit;
         }
-        let dnorm = libm::sqrtf(dsq);
+        let dnorm = sqrt(dsq);
         if dnorm > 0.0 {
             // û_i = D_i/‖D_i‖; an all-zero update contributes nothing.
             let inv_d = 1.0 / dnorm;
@@ -461,18 +464,14 @@ impl<'w, 'g> StreamingFedCdd<'w, 'g> {
             self.dot,
         );
         check_finite_sumsq(x, self.sq)?;
-        // dot[g] = ⟨X_g, U_g⟩. Turn sq into 1/max(m, ε) and fold the dots.
-        let mut dsq = 0.0f32;
-        let mut udot = 0.0f32;
-        for (s, d) in self.sq.iter_mut().zip(self.dot.iter()) {
-            let m = libm::sqrtf(*s);
-            let inv = 1.0 / m.max(EPS);
-            let unit = m * inv;
-            dsq += unit * unit;
-            udot += inv * d;
-            *s = inv;
+        // dot[g] = ⟨X_g, U_g⟩. ‖D_i‖² as in pass 1, then sq becomes 1/max(m, ε), and
+        // ⟨D_i, U⟩ = Σ_g dot_g / max(m_g, ε).
+        let dsq = sum_lanes(self.sq, |s| (s * INV_EPS_SQ).min(1.0));
+        for s in self.sq.iter_mut() {
+            *s = 1.0 / sqrt(*s).max(EPS);
         }
-        let dnorm = libm::sqrtf(dsq);
+        let udot = dot_lanes(self.sq, self.dot);
+        let dnorm = sqrt(dsq);
         let count = self.count1;
         let v = if dnorm > 0.0 && count > 1 {
             // Σ_{k≠i} ⟨û_i, û_k⟩ = ⟨û_i, U⟩ − ‖û_i‖², and ‖û_i‖ = 1.
@@ -574,7 +573,7 @@ impl<'w, 'g> StreamingFedCdd<'w, 'g> {
         if self.cfg.renormalize {
             group_sumsq(&*dir, &self.layout, self.groups, self.sq);
             for (c, s) in self.dot.iter_mut().zip(self.sq.iter()) {
-                let norm = libm::sqrtf(*s) * inv_wsum;
+                let norm = sqrt(*s) * inv_wsum;
                 *c *= inv_wsum * renorm_factor(norm);
             }
         } else {
@@ -694,7 +693,7 @@ mod batch {
             let mut sq = vec![0.0; ng];
             group_sumsq(&x[..], &layout, groups, &mut sq);
             check_finite_sumsq(&x[..], &sq).map_err(fail)?;
-            let m: Vec<f32> = sq.iter().map(|s| libm::sqrtf(*s)).collect();
+            let m: Vec<f32> = sq.iter().map(|s| sqrt(*s)).collect();
             let inv: Vec<f32> = m.iter().map(|m| 1.0 / m.max(EPS)).collect();
             let mut d = vec![0.0; p];
             group_scale_into(&x, &layout, groups, &inv, &mut d);
@@ -712,7 +711,7 @@ mod batch {
         let units: Vec<Vec<f32>> = dirs
             .iter()
             .map(|d| {
-                let norm = libm::sqrtf(d.iter().map(|v| v * v).sum::<f32>());
+                let norm = sqrt(d.iter().map(|v| v * v).sum::<f32>());
                 if norm > 0.0 {
                     d.iter().map(|v| v / norm).collect()
                 } else {
@@ -770,7 +769,7 @@ mod batch {
             let mut sq = vec![0.0; ng];
             group_sumsq(&dbar[..], &layout, groups, &mut sq);
             for (c, s) in coef.iter_mut().zip(&sq) {
-                *c *= renorm_factor(libm::sqrtf(*s));
+                *c *= renorm_factor(sqrt(*s));
             }
         }
         group_scale_into(&dbar, &layout, groups, &coef, out);

@@ -479,7 +479,7 @@ pub fn apply_server_opt(
         ServerOpt::FedAdagrad => {
             for ((o, d), v) in out.iter_mut().zip(mean_delta).zip(state.v.iter_mut()) {
                 *v += d * d;
-                *o += lr * d / (libm::sqrtf(*v) + tau);
+                *o += lr * d / (crate::sweep::sqrt(*v) + tau);
             }
         }
         ServerOpt::FedYogi | ServerOpt::FedAdam => {
@@ -497,7 +497,7 @@ pub fn apply_server_opt(
                 } else {
                     b2 * *v + (1.0 - b2) * sq
                 };
-                *o += lr * *m / (libm::sqrtf(*v) + tau);
+                *o += lr * *m / (crate::sweep::sqrt(*v) + tau);
             }
         }
     }

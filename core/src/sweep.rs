@@ -5,6 +5,53 @@
 use crate::error::{Error, ErrorKind};
 use crate::tensor::{Element, Layout};
 
+/// IEEE square root (correctly rounded, so both versions give the same bits). With the
+/// `std` feature it is the standard library's, which the compiler can vectorise; without,
+/// `libm`'s (one scalar instruction at a time).
+#[inline(always)]
+pub(crate) fn sqrt(x: f32) -> f32 {
+    #[cfg(feature = "std")]
+    {
+        x.sqrt()
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        libm::sqrtf(x)
+    }
+}
+
+/// `Σ f(x_i)` with [`LANES`] independent partial sums (vectorisable).
+pub(crate) fn sum_lanes(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0.0f32; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (l, v) in lanes.iter_mut().zip(c) {
+            *l += f(*v);
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|v| f(*v)).sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// `Σ a_i·b_i` with [`LANES`] independent partial sums.
+pub(crate) fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; LANES];
+    let mut ac = a.chunks_exact(LANES);
+    let mut bc = b.chunks_exact(LANES);
+    for (x, y) in (&mut ac).zip(&mut bc) {
+        for i in 0..LANES {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// Which way the norm groups run through a row-major `rows × cols` matrix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Groups {

@@ -53,8 +53,11 @@ mod rand_core_shim {
 const RANK: usize = 16;
 const WIDTH: usize = 4096;
 
-struct Row {
-    name: &'static str,
+/// One timed measurement: a closure that runs the whole thing once.
+type Job<'a> = dyn FnMut() -> Result<()> + 'a;
+
+struct Row<'n> {
+    name: &'n str,
     reads: usize,
     seconds: f64,
 }
@@ -96,50 +99,39 @@ pub fn run_aggregate_bench(a: &AggregateBenchArgs) -> Result<()> {
         .collect();
     drop(shared);
     let global: Vec<f32> = (0..p).map(|_| next_f32(&mut rng) * 1e-2).collect();
-    let mut out = vec![0.0f32; p];
-
-    let best = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
-        let mut best = f64::INFINITY;
-        for _ in 0..a.repeats {
-            let t = Instant::now();
-            f()?;
-            best = best.min(t.elapsed().as_secs_f64());
-        }
-        Ok(best)
+    let samples: Vec<f32> = (0..a.clients).map(|i| 100.0 + i as f32).collect();
+    let views = |r: std::ops::Range<usize>| -> Vec<ClientView<'_>> {
+        clients
+            .iter()
+            .enumerate()
+            .map(|(i, c)| ClientView {
+                id: i as u32,
+                weight: samples[i],
+                values: TensorView::F32(&c[r.clone()]),
+            })
+            .collect()
     };
 
     // Reference: one plain read of every client buffer.
-    let read_s = best(&mut || {
+    let mut reference = || -> Result<()> {
         let mut total = 0.0f32;
         for c in &clients {
             total += plain_sum(c);
         }
         black_box(total);
         Ok(())
-    })?;
-    let bandwidth = bytes_per_read / read_s;
-
-    let mut rows = Vec::new();
-    let samples: Vec<f32> = (0..a.clients).map(|i| 100.0 + i as f32).collect();
+    };
 
     // FedAvg: Δ̄ by the mean accumulator, then the server rule.
     let opt = ServerOptConfig::defaults(ServerOpt::FedAvg);
     let mut acc_buf = vec![0.0f32; MeanAccumulator::buffer_len(tensor_len)];
     let mut mean = vec![0.0f32; tensor_len];
-    let fedavg_s = best(&mut || {
-        for (t, _) in layouts.iter().enumerate() {
+    let mut avg_out = vec![0.0f32; p];
+    let mut fedavg = || -> Result<()> {
+        for t in 0..tensors {
             let r = t * tensor_len..(t + 1) * tensor_len;
             let mut acc = MeanAccumulator::new(tensor_len, &mut acc_buf).map_err(core_err)?;
-            let views: Vec<ClientView<'_>> = clients
-                .iter()
-                .enumerate()
-                .map(|(i, c)| ClientView {
-                    id: i as u32,
-                    weight: samples[i],
-                    values: TensorView::F32(&c[r.clone()]),
-                })
-                .collect();
-            acc.add_group(&views).map_err(core_err)?;
+            acc.add_group(&views(r.clone())).map_err(core_err)?;
             acc.mean_into(&mut mean).map_err(core_err)?;
             let mut st = ServerState {
                 m: &mut [],
@@ -151,19 +143,15 @@ pub fn run_aggregate_bench(a: &AggregateBenchArgs) -> Result<()> {
                 &mut st,
                 TensorView::F32(&global[r.clone()]),
                 &mean,
-                &mut out[r],
+                &mut avg_out[r],
             )
             .map_err(core_err)?;
         }
+        black_box(&avg_out);
         Ok(())
-    })?;
-    rows.push(Row {
-        name: "fedavg",
-        reads: 1,
-        seconds: fedavg_s,
-    });
+    };
 
-    // Streaming FedCDD, two passes per tensor.
+    // Streaming FedCDD, two passes per tensor, one client at a time.
     let cfg = FedCddConfig::default();
     let ws_len = layouts
         .iter()
@@ -171,62 +159,81 @@ pub fn run_aggregate_bench(a: &AggregateBenchArgs) -> Result<()> {
         .max()
         .unwrap_or(0);
     let mut ws = vec![0.0f32; ws_len];
-    let stream_s = best(&mut || {
+    let mut cdd_out = vec![0.0f32; p];
+    let mut streaming = || -> Result<()> {
         for (t, layout) in layouts.iter().enumerate() {
             let r = t * tensor_len..(t + 1) * tensor_len;
             let mut agg =
                 StreamingFedCdd::new(cfg, *layout, TensorView::F32(&global[r.clone()]), &mut ws)
                     .map_err(core_err)?;
-            for (i, c) in clients.iter().enumerate() {
-                agg.pass1(i as u32, samples[i], TensorView::F32(&c[r.clone()]))
-                    .map_err(core_err)?;
+            for v in &views(r.clone()) {
+                agg.pass1(v.id, v.weight, v.values).map_err(core_err)?;
             }
-            for (i, c) in clients.iter().enumerate() {
-                agg.pass2(i as u32, samples[i], TensorView::F32(&c[r.clone()]))
-                    .map_err(core_err)?;
+            for v in &views(r.clone()) {
+                agg.pass2(v.id, v.weight, v.values).map_err(core_err)?;
             }
-            agg.finish(&mut out[r]).map_err(core_err)?;
+            agg.finish(&mut cdd_out[r]).map_err(core_err)?;
         }
+        black_box(&cdd_out);
         Ok(())
-    })?;
-    rows.push(Row {
-        name: "fedcdd streaming",
-        reads: 2,
-        seconds: stream_s,
-    });
+    };
 
+    // Batch FedCDD (allocates every client's decomposition).
+    let mut batch_out = vec![0.0f32; tensor_len];
+    let mut batch = || -> Result<()> {
+        for (t, layout) in layouts.iter().enumerate() {
+            let r = t * tensor_len..(t + 1) * tensor_len;
+            let inputs: Vec<ClientInput<'_>> = views(r.clone())
+                .iter()
+                .map(|v| ClientInput {
+                    id: v.id,
+                    samples: v.weight,
+                    update: v.values,
+                })
+                .collect();
+            fedcdd_batch(
+                &cfg,
+                *layout,
+                TensorView::F32(&global[r]),
+                &inputs,
+                &mut batch_out,
+            )
+            .map_err(core_err)?;
+        }
+        black_box(&batch_out);
+        Ok(())
+    };
+
+    // Round-robin repetitions, so that a drift of the machine's bandwidth hits the reference
+    // and the rules alike; each figure is the best of its runs.
+    let mut jobs: Vec<(&str, usize, &mut Job<'_>)> = vec![
+        ("reference", 1, &mut reference),
+        ("fedavg", 1, &mut fedavg),
+        ("fedcdd streaming", 2, &mut streaming),
+    ];
     if !a.no_batch {
-        let mut batch_out = vec![0.0f32; tensor_len];
-        let batch_s = best(&mut || {
-            for (t, layout) in layouts.iter().enumerate() {
-                let r = t * tensor_len..(t + 1) * tensor_len;
-                let inputs: Vec<ClientInput<'_>> = clients
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| ClientInput {
-                        id: i as u32,
-                        samples: samples[i],
-                        update: TensorView::F32(&c[r.clone()]),
-                    })
-                    .collect();
-                fedcdd_batch(
-                    &cfg,
-                    *layout,
-                    TensorView::F32(&global[r.clone()]),
-                    &inputs,
-                    &mut batch_out,
-                )
-                .map_err(core_err)?;
-            }
-            Ok(())
-        })?;
-        rows.push(Row {
-            name: "fedcdd batch",
-            reads: 2,
-            seconds: batch_s,
-        });
+        jobs.push(("fedcdd batch", 2, &mut batch));
     }
-    black_box(&out);
+    let mut best = vec![f64::INFINITY; jobs.len()];
+    for _ in 0..a.repeats {
+        for (b, (_, _, job)) in best.iter_mut().zip(jobs.iter_mut()) {
+            let t = Instant::now();
+            job()?;
+            *b = b.min(t.elapsed().as_secs_f64());
+        }
+    }
+    let read_s = best[0];
+    let bandwidth = bytes_per_read / read_s;
+    let rows: Vec<Row> = jobs
+        .iter()
+        .zip(&best)
+        .skip(1)
+        .map(|((name, reads, _), s)| Row {
+            name,
+            reads: *reads,
+            seconds: *s,
+        })
+        .collect();
 
     // Bytes a rule must move: its reads of the client data, plus one read of the global
     // tensor and one write of the output (the bound counts them at the read bandwidth).
