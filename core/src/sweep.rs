@@ -421,3 +421,24 @@ pub(crate) fn check_len(expected: usize, found: usize) -> Result<(), Error> {
         Err(Error::new(ErrorKind::ShapeMismatch { expected, found }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::sqrt;
+
+    /// With `std`, `sqrt` is the standard library's; it must give libm's bits exactly, or
+    /// host and edge builds would disagree.
+    #[test]
+    fn sqrt_matches_libm_bit_for_bit() {
+        let mut bits = 0x0000_0001u32;
+        let mut checked = 0;
+        while bits < 0x7f80_0000 {
+            let x = f32::from_bits(bits);
+            assert_eq!(sqrt(x).to_bits(), libm::sqrtf(x).to_bits(), "sqrt({x:e})");
+            bits = bits.wrapping_add(0x0000_1f3d);
+            checked += 1;
+        }
+        assert!(checked > 60_000);
+        assert_eq!(sqrt(0.0).to_bits(), 0);
+    }
+}
