@@ -6,9 +6,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use fedcdd_core::{
-    Algorithm, ClientView, Error as CoreError, FedCddConfig, FedOptVariant, Layout,
-    MeanAccumulator, ServerOptConfig, ServerState, StreamingFedCdd, TensorView, apply_server_opt,
-    init_server_state,
+    Algorithm, Error as CoreError, FedCddConfig, FedOptVariant, Layout, MeanAccumulator,
+    ServerOptConfig, ServerState, StreamingFedCdd, TensorView, apply_server_opt, init_server_state,
 };
 
 use crate::adapter::{Adapter, Tensor, read_safetensors, write_safetensors};
@@ -21,6 +20,8 @@ pub struct AggregateOptions {
     pub fedcdd: FedCddConfig,
     /// Used by the FedAvg family (its `rule` is taken from `algorithm`).
     pub opt: ServerOptConfig,
+    /// Show which client each pass is at (on stderr).
+    pub progress: bool,
 }
 
 /// Server state of the stateful rules, per tensor, saved between rounds.
@@ -130,6 +131,8 @@ impl ServerStateStore {
 /// What one aggregation did, for the report.
 #[derive(Clone, Debug, Default)]
 pub struct AggregateReport {
+    /// Per client, in order: who it was and what it sent.
+    pub clients: Vec<ClientInfo>,
     /// Normalised sample weights `p_i`, per client.
     pub sample_weights: Vec<f64>,
     /// FedCDD only: mean over tensors of each client's agreement `v_i`.
@@ -140,41 +143,98 @@ pub struct AggregateReport {
     pub fallbacks: usize,
 }
 
-/// Sample counts as weights: all given, or none (equal weights).
-pub fn sample_weights(clients: &[ClientUpdate]) -> Result<Vec<f32>> {
-    let given = clients.iter().filter(|c| c.samples.is_some()).count();
-    if given == 0 {
-        return Ok(vec![1.0; clients.len()]);
+/// One client as the report shows it.
+#[derive(Clone, Debug)]
+pub struct ClientInfo {
+    pub label: String,
+    pub source: std::path::PathBuf,
+    pub client_id: u32,
+    pub samples: Option<u64>,
+    pub round: Option<u32>,
+    pub bytes: usize,
+}
+
+/// Hands the server one client's update at a time: FedCDD asks for every client twice (its
+/// two passes), the other rules once. So `fedcdd aggregate` holds one client in memory,
+/// whatever the number of clients.
+pub trait ClientLoader {
+    fn count(&self) -> usize;
+    /// How errors name client `index`.
+    fn label(&self, index: usize) -> String;
+    /// Client `index`'s sample count, if known, without loading its whole update.
+    fn samples(&mut self, index: usize) -> Result<Option<u64>>;
+    fn load(&mut self, index: usize) -> Result<ClientUpdate>;
+}
+
+/// Updates already in memory.
+impl ClientLoader for &[ClientUpdate] {
+    fn count(&self) -> usize {
+        self.len()
     }
-    if given != clients.len() {
-        let missing: Vec<String> = clients
-            .iter()
-            .filter(|c| c.samples.is_none())
-            .map(|c| c.label())
+    fn label(&self, index: usize) -> String {
+        self[index].label()
+    }
+    fn samples(&mut self, index: usize) -> Result<Option<u64>> {
+        Ok(self[index].samples)
+    }
+    fn load(&mut self, index: usize) -> Result<ClientUpdate> {
+        Ok(self[index].clone())
+    }
+}
+
+/// Sample counts as weights: all given, or none (equal weights).
+fn sample_weights(counts: &[Option<u64>], label: impl Fn(usize) -> String) -> Result<Vec<f32>> {
+    let given = counts.iter().filter(|c| c.is_some()).count();
+    if given == 0 {
+        return Ok(vec![1.0; counts.len()]);
+    }
+    if given != counts.len() {
+        let missing: Vec<String> = (0..counts.len())
+            .filter(|&i| counts[i].is_none())
+            .map(&label)
             .collect();
         bail!(
             "sample counts are given for some clients but not for {}: give PATH:N for every client or for none",
             missing.join(", ")
         );
     }
-    let w: Vec<f32> = clients
-        .iter()
-        .map(|c| c.samples.unwrap_or(0) as f32)
-        .collect();
+    let w: Vec<f32> = counts.iter().map(|c| c.unwrap_or(0) as f32).collect();
     if w.iter().sum::<f32>() <= 0.0 {
         bail!("the clients' sample counts sum to zero");
     }
     Ok(w)
 }
 
-/// Aggregates `clients` into a new global adapter (tensors in the global's order and dtypes).
+/// A cheap fingerprint of an update's values, to notice a client file that changed between
+/// FedCDD's two passes.
+fn fingerprint(u: &ClientUpdate) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for t in &u.deltas {
+        for v in &t.data {
+            h = (h ^ v.to_bits() as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// The update of one aggregated tensor, or an error naming the client.
+fn delta<'u>(u: &'u ClientUpdate, name: &str) -> Result<&'u [f32]> {
+    u.get(name)
+        .map(|t| t.data.as_slice())
+        .with_context(|| format!("{}: tensor {name:?} is missing from its update", u.label()))
+}
+
+/// Aggregates the clients into a new global adapter (tensors in the global's order and
+/// dtypes). Clients are loaded one at a time: memory is the global, one client, and the
+/// per-tensor accumulators (2·P floats, FedCDD at most 5·P), whatever the number of clients.
 pub fn aggregate(
     global: &Adapter,
-    clients: &[ClientUpdate],
+    clients: &mut dyn ClientLoader,
     opts: &AggregateOptions,
     state: &mut ServerStateStore,
 ) -> Result<(Vec<Tensor>, AggregateReport)> {
-    if clients.is_empty() {
+    let n = clients.count();
+    if n == 0 {
         bail!("no clients to aggregate");
     }
     let alg = opts.algorithm;
@@ -187,88 +247,143 @@ pub fn aggregate(
         ),
         _ => {}
     }
-    let weights = sample_weights(clients)?;
+    let counts = (0..n)
+        .map(|i| clients.samples(i))
+        .collect::<Result<Vec<_>>>()?;
+    let weights = sample_weights(&counts, |i| clients.label(i))?;
     let total: f64 = weights.iter().map(|w| *w as f64).sum();
-    let mut report = AggregateReport {
-        sample_weights: weights.iter().map(|w| *w as f64 / total).collect(),
-        mean_agreement: vec![None; clients.len()],
-        ..Default::default()
-    };
-    let mut agreement_sums = vec![0.0f32; clients.len()];
-    let mut out_tensors = Vec::with_capacity(global.tensors.len());
-    for g in &global.tensors {
-        if !alg.aggregates(g.role()) {
-            out_tensors.push(g.clone());
-            report.tensors_kept += 1;
-            continue;
-        }
-        let mut inputs: Vec<&[f32]> = Vec::with_capacity(clients.len());
-        for c in clients {
-            let d = c.get(&g.name).with_context(|| {
-                format!(
-                    "{}: tensor {:?} is missing from its update",
-                    c.label(),
+
+    // The tensors this rule aggregates, with their layouts.
+    let mut slots: Vec<(usize, Layout)> = Vec::new();
+    for (gi, g) in global.tensors.iter().enumerate() {
+        if alg.aggregates(g.role()) {
+            let layout = Layout::from_dims(&g.dims, g.role()).map_err(|e| {
+                anyhow::anyhow!(
+                    "global adapter {}: tensor {:?}: {e}",
+                    global.path.display(),
                     g.name
                 )
             })?;
-            inputs.push(&d.data);
+            slots.push((gi, layout));
         }
-        let layout = Layout::from_dims(&g.dims, g.role()).map_err(|e| {
-            anyhow::anyhow!(
-                "global adapter {}: tensor {:?}: {e}",
-                global.path.display(),
-                g.name
-            )
-        })?;
-        let name_err = |e: CoreError| -> anyhow::Error {
-            match e.client {
-                Some(i) => anyhow::anyhow!(
-                    "{}: tensor {:?}: {}",
-                    clients[i as usize].label(),
-                    g.name,
-                    e.kind
-                ),
-                None => anyhow::anyhow!("tensor {:?}: {}", g.name, e.kind),
+    }
+    if slots.is_empty() {
+        bail!(
+            "no tensor of {} is aggregated by {}",
+            global.path.display(),
+            alg.name()
+        );
+    }
+    let name_err = |e: CoreError, gi: usize, labels: &[String]| -> anyhow::Error {
+        let tensor = &global.tensors[gi].name;
+        match e.client.and_then(|i| labels.get(i as usize)) {
+            Some(who) => anyhow::anyhow!("{who}: tensor {tensor:?}: {}", e.kind),
+            None => anyhow::anyhow!("tensor {tensor:?}: {}", e.kind),
+        }
+    };
+    let labels: Vec<String> = (0..n).map(|i| clients.label(i)).collect();
+    let mut infos = Vec::with_capacity(n);
+    let mut record = |u: &ClientUpdate, i: usize| {
+        infos.push(ClientInfo {
+            label: u.label(),
+            source: u.source.clone(),
+            client_id: u.client_id,
+            samples: counts[i],
+            round: u.round,
+            bytes: u.bytes,
+        })
+    };
+    let progress = |pass: &str, i: usize| {
+        if opts.progress {
+            eprint!("\r{pass}: client {}/{n}   ", i + 1);
+            if i + 1 == n {
+                eprintln!();
             }
-        };
-        let mut new = vec![0.0f32; layout.len()];
-        if alg == Algorithm::FedCdd {
-            let mut ws = vec![0.0f32; StreamingFedCdd::workspace_len(&opts.fedcdd, &layout)];
-            let mut agg =
-                StreamingFedCdd::new(opts.fedcdd, layout, TensorView::F32(&g.data), &mut ws)
-                    .map_err(name_err)?;
-            for (i, (x, w)) in inputs.iter().zip(&weights).enumerate() {
-                agg.pass1(i as u32, *w, TensorView::F32(x))
-                    .map_err(name_err)?;
+        }
+    };
+    let mut outs: Vec<Vec<f32>> = slots.iter().map(|(_, l)| vec![0.0f32; l.len()]).collect();
+    let mut mean_agreement = vec![None; n];
+    let mut fallbacks = 0;
+
+    if alg == Algorithm::FedCdd {
+        let mut workspaces: Vec<Vec<f32>> = slots
+            .iter()
+            .map(|(_, l)| vec![0.0f32; StreamingFedCdd::workspace_len(&opts.fedcdd, l)])
+            .collect();
+        let mut aggs = Vec::with_capacity(slots.len());
+        for ((gi, layout), ws) in slots.iter().zip(workspaces.iter_mut()) {
+            let g = TensorView::F32(&global.tensors[*gi].data);
+            aggs.push(
+                StreamingFedCdd::new(opts.fedcdd, *layout, g, ws)
+                    .map_err(|e| name_err(e, *gi, &labels))?,
+            );
+        }
+        let mut prints = Vec::with_capacity(n);
+        for (i, &w) in weights.iter().enumerate() {
+            progress("pass 1", i);
+            let u = clients.load(i)?;
+            for ((gi, _), agg) in slots.iter().zip(aggs.iter_mut()) {
+                let x = delta(&u, &global.tensors[*gi].name)?;
+                agg.pass1(i as u32, w, TensorView::F32(x))
+                    .map_err(|e| name_err(e, *gi, &labels))?;
             }
-            for (i, (x, w)) in inputs.iter().zip(&weights).enumerate() {
-                agreement_sums[i] += agg
-                    .pass2(i as u32, *w, TensorView::F32(x))
-                    .map_err(name_err)?
-                    .v;
+            prints.push(fingerprint(&u));
+            record(&u, i);
+        }
+        let mut agreement_sums = vec![0.0f32; n];
+        for (i, (&w, &print)) in weights.iter().zip(&prints).enumerate() {
+            progress("pass 2", i);
+            let u = clients.load(i)?;
+            if fingerprint(&u) != print {
+                bail!(
+                    "{}: its update changed between the two passes over the clients",
+                    u.label()
+                );
             }
-            let summary = agg.finish(&mut new).map_err(name_err)?;
-            report.fallbacks += summary.fell_back as usize;
-        } else {
-            let mut cfg = opts.opt;
-            cfg.rule = alg
-                .server_opt()
-                .context("algorithm has no server optimiser")?;
-            let mut acc_buf = vec![0.0f32; MeanAccumulator::buffer_len(layout.len())];
-            let mut acc = MeanAccumulator::new(layout.len(), &mut acc_buf).map_err(name_err)?;
-            let views: Vec<ClientView<'_>> = inputs
-                .iter()
-                .zip(&weights)
-                .enumerate()
-                .map(|(i, (x, w))| ClientView {
-                    id: i as u32,
-                    weight: cfg.client_weight(*w),
-                    values: TensorView::F32(x),
-                })
-                .collect();
-            acc.add_group(&views).map_err(name_err)?;
+            for ((gi, _), agg) in slots.iter().zip(aggs.iter_mut()) {
+                let x = delta(&u, &global.tensors[*gi].name)?;
+                let a = agg
+                    .pass2(i as u32, w, TensorView::F32(x))
+                    .map_err(|e| name_err(e, *gi, &labels))?;
+                agreement_sums[i] += a.v;
+            }
+        }
+        for ((agg, (gi, _)), out) in aggs.into_iter().zip(&slots).zip(outs.iter_mut()) {
+            let summary = agg.finish(out).map_err(|e| name_err(e, *gi, &labels))?;
+            fallbacks += summary.fell_back as usize;
+        }
+        let k = slots.len() as f32;
+        mean_agreement = agreement_sums.iter().map(|s| Some(s / k)).collect();
+    } else {
+        let mut cfg = opts.opt;
+        cfg.rule = alg
+            .server_opt()
+            .context("algorithm has no server optimiser")?;
+        let mut bufs: Vec<Vec<f32>> = slots
+            .iter()
+            .map(|(_, l)| vec![0.0f32; MeanAccumulator::buffer_len(l.len())])
+            .collect();
+        let mut accs = Vec::with_capacity(slots.len());
+        for ((gi, layout), buf) in slots.iter().zip(bufs.iter_mut()) {
+            accs.push(
+                MeanAccumulator::new(layout.len(), buf).map_err(|e| name_err(e, *gi, &labels))?,
+            );
+        }
+        for (i, &w) in weights.iter().enumerate() {
+            progress("clients", i);
+            let u = clients.load(i)?;
+            for ((gi, _), acc) in slots.iter().zip(accs.iter_mut()) {
+                let x = delta(&u, &global.tensors[*gi].name)?;
+                acc.add(i as u32, cfg.client_weight(w), TensorView::F32(x))
+                    .map_err(|e| name_err(e, *gi, &labels))?;
+            }
+            record(&u, i);
+        }
+        for ((acc, (gi, layout)), out) in accs.iter().zip(&slots).zip(outs.iter_mut()) {
+            let g = &global.tensors[*gi];
+            let fail = |e: CoreError| name_err(e, *gi, &labels);
             let mut mean = vec![0.0f32; layout.len()];
-            acc.mean_into(&mut mean).map_err(name_err)?;
+            acc.mean_into(&mut mean).map_err(fail)?;
             let (uses_m, uses_v) = cfg.state_slots();
             let mut fresh_m = vec![0.0f32; layout.len()];
             let mut fresh_v = vec![0.0f32; layout.len()];
@@ -298,8 +413,7 @@ pub fn aggregate(
                 v: &mut v,
                 steps: state.steps,
             };
-            apply_server_opt(&cfg, &mut st, TensorView::F32(&g.data), &mean, &mut new)
-                .map_err(name_err)?;
+            apply_server_opt(&cfg, &mut st, TensorView::F32(&g.data), &mean, out).map_err(fail)?;
             if uses_m {
                 state.m.insert(g.name.clone(), m);
             }
@@ -307,23 +421,31 @@ pub fn aggregate(
                 state.v.insert(g.name.clone(), v);
             }
         }
-        report.tensors_aggregated += 1;
-        out_tensors.push(Tensor {
-            data: new,
-            ..g.clone()
-        });
     }
-    if report.tensors_aggregated == 0 {
-        bail!(
-            "no tensor of {} is aggregated by {}",
-            global.path.display(),
-            alg.name()
-        );
-    }
-    if alg == Algorithm::FedCdd {
-        let n = report.tensors_aggregated as f32;
-        report.mean_agreement = agreement_sums.iter().map(|s| Some(s / n)).collect();
+
+    // Assemble the new adapter: aggregated tensors from `outs`, the others kept.
+    let mut outs = outs.into_iter();
+    let mut next_slot = slots.iter().map(|(gi, _)| *gi).peekable();
+    let mut tensors = Vec::with_capacity(global.tensors.len());
+    for (gi, g) in global.tensors.iter().enumerate() {
+        if next_slot.peek() == Some(&gi) {
+            next_slot.next();
+            let data = outs
+                .next()
+                .context("internal: one output per aggregated tensor")?;
+            tensors.push(Tensor { data, ..g.clone() });
+        } else {
+            tensors.push(g.clone());
+        }
     }
     state.steps += 1;
-    Ok((out_tensors, report))
+    let report = AggregateReport {
+        clients: infos,
+        sample_weights: weights.iter().map(|w| *w as f64 / total).collect(),
+        mean_agreement,
+        tensors_aggregated: slots.len(),
+        tensors_kept: global.tensors.len() - slots.len(),
+        fallbacks,
+    };
+    Ok((tensors, report))
 }

@@ -1,7 +1,7 @@
 //! Argument parsing and printing only: each command parses, calls the library, prints.
 
 use std::fmt::Write as _;
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -15,7 +15,7 @@ use crate::adapter::{load_adapter, save_adapter, write_atomic};
 use crate::aggregate::{AggregateOptions, ServerStateStore, aggregate};
 use crate::bench;
 use crate::update::{
-    EncodeOptions, apply_update, decode_update, encode_update, load_client, parse_upload,
+    EncodeOptions, FileClients, apply_update, decode_update, encode_update, parse_upload,
 };
 
 #[derive(Parser, Debug)]
@@ -335,6 +335,7 @@ fn aggregate_options(a: &AggregateArgs) -> Result<AggregateOptions> {
         algorithm,
         fedcdd,
         opt,
+        progress: std::io::stderr().is_terminal(),
     })
 }
 
@@ -357,23 +358,24 @@ fn load_global(path: &Path) -> Result<crate::adapter::Adapter> {
 fn cmd_aggregate(a: AggregateArgs) -> Result<()> {
     let opts = aggregate_options(&a)?;
     let global = load_global(&a.global)?;
-    let mut clients = Vec::with_capacity(a.clients.len());
-    for (i, c) in a.clients.iter().enumerate() {
-        let mut update = load_client(&c.path, i as u32, &global)?;
-        if c.samples.is_some() {
-            update.samples = c.samples;
-        }
-        clients.push(update);
-    }
-    let rounds: std::collections::BTreeSet<u32> = clients.iter().filter_map(|c| c.round).collect();
-    if rounds.len() > 1 {
-        eprintln!("warning: the uploads come from different rounds: {rounds:?}");
-    }
+    let mut clients = FileClients {
+        global: &global,
+        specs: a
+            .clients
+            .iter()
+            .map(|c| (c.path.clone(), c.samples))
+            .collect(),
+    };
     let mut state = match &a.state {
         Some(p) if p.exists() => ServerStateStore::load(p, &opts)?,
         _ => ServerStateStore::new(&opts),
     };
-    let (tensors, report) = aggregate(&global, &clients, &opts, &mut state)?;
+    let (tensors, report) = aggregate(&global, &mut clients, &opts, &mut state)?;
+    let rounds: std::collections::BTreeSet<u32> =
+        report.clients.iter().filter_map(|c| c.round).collect();
+    if rounds.len() > 1 {
+        eprintln!("warning: the uploads come from different rounds: {rounds:?}");
+    }
     save_adapter(&a.out, &tensors, global.config.as_ref())?;
     if let Some(p) = &a.state {
         state.save(p)?;
@@ -381,7 +383,7 @@ fn cmd_aggregate(a: AggregateArgs) -> Result<()> {
     eprintln!(
         "{}: {} clients, {} tensors aggregated, {} kept from the global -> {}",
         opts.algorithm.name(),
-        clients.len(),
+        report.clients.len(),
         report.tensors_aggregated,
         report.tensors_kept,
         a.out.display()
@@ -392,15 +394,13 @@ fn cmd_aggregate(a: AggregateArgs) -> Result<()> {
             a.global.display()
         );
     }
-    for (i, c) in clients.iter().enumerate() {
+    for (i, c) in report.clients.iter().enumerate() {
         let agree = report.mean_agreement[i]
             .map(|v| format!("  mean agreement v={v:+.4}"))
             .unwrap_or_default();
         eprintln!(
             "  {}  p={:.4}  {} bytes{agree}",
-            c.label(),
-            report.sample_weights[i],
-            c.bytes
+            c.label, report.sample_weights[i], c.bytes
         );
     }
     if report.fallbacks > 0 {
@@ -416,7 +416,7 @@ fn cmd_aggregate(a: AggregateArgs) -> Result<()> {
             "tensors_aggregated": report.tensors_aggregated,
             "tensors_kept": report.tensors_kept,
             "fedcdd_fallbacks": report.fallbacks,
-            "clients": clients.iter().enumerate().map(|(i, c)| serde_json::json!({
+            "clients": report.clients.iter().enumerate().map(|(i, c)| serde_json::json!({
                 "source": c.source.display().to_string(),
                 "client_id": c.client_id,
                 "samples": c.samples,

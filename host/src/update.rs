@@ -400,6 +400,47 @@ pub fn load_client(path: &Path, index: u32, global: &Adapter) -> Result<ClientUp
     })
 }
 
+/// Clients given on the command line: adapters or uploads, each optionally with a sample
+/// count that overrides the upload's. Each is read from disk when the server asks for it.
+pub struct FileClients<'a> {
+    pub global: &'a Adapter,
+    /// Path and sample count (`PATH:N`) of each client.
+    pub specs: Vec<(PathBuf, Option<u64>)>,
+}
+
+impl crate::aggregate::ClientLoader for FileClients<'_> {
+    fn count(&self) -> usize {
+        self.specs.len()
+    }
+
+    fn label(&self, index: usize) -> String {
+        format!("client {index} ({})", self.specs[index].0.display())
+    }
+
+    fn samples(&mut self, index: usize) -> Result<Option<u64>> {
+        let (path, given) = &self.specs[index];
+        if given.is_some() || !path.is_file() {
+            return Ok(*given);
+        }
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("cannot read client file {}", path.display()))?;
+        if !looks_like_upload(&bytes) {
+            return Ok(None);
+        }
+        let h = parse_upload(&bytes, path)?.header;
+        Ok((h.num_samples > 0).then_some(h.num_samples))
+    }
+
+    fn load(&mut self, index: usize) -> Result<ClientUpdate> {
+        let (path, given) = &self.specs[index];
+        let mut update = load_client(path, index as u32, self.global)?;
+        if given.is_some() {
+            update.samples = *given;
+        }
+        Ok(update)
+    }
+}
+
 /// `G + Δ` for every tensor of the global adapter (tensors absent from the update keep G).
 pub fn apply_update(global: &Adapter, update: &ClientUpdate) -> Vec<Tensor> {
     global
