@@ -319,6 +319,35 @@ impl<'w> MeanAccumulator<'w> {
         self.sum
     }
 
+    /// FedAvg's server step straight from the sum, in one sweep:
+    /// `out = G + λ·Σ w_i x_i / Σ w_i` (same as [`mean_into`](Self::mean_into) followed by
+    /// [`apply_server_opt`] with [`ServerOpt::FedAvg`], one pass over memory fewer).
+    pub fn apply_fedavg(
+        &self,
+        global: TensorView<'_>,
+        server_lr: f32,
+        out: &mut [f32],
+    ) -> Result<(), Error> {
+        check_len(self.sum.len(), out.len())?;
+        check_len(self.sum.len(), global.len())?;
+        if self.count == 0 {
+            return Err(ErrorKind::NoClients.into());
+        }
+        if !(self.weight_sum > 0.0) {
+            return Err(ErrorKind::BadWeight.into());
+        }
+        if !server_lr.is_finite() {
+            return Err(ErrorKind::BadConfig("server_lr must be finite").into());
+        }
+        let scale = server_lr / self.weight_sum;
+        with_view!(global, |g| {
+            for ((o, gv), a) in out.iter_mut().zip(g.iter()).zip(self.sum.iter()) {
+                *o = gv.to_f32() + scale * a;
+            }
+        });
+        check_all_finite(&*out)
+    }
+
     /// Writes `Σ w_i x_i / Σ w_i` into `out`.
     pub fn mean_into(&self, out: &mut [f32]) -> Result<(), Error> {
         check_len(self.sum.len(), out.len())?;

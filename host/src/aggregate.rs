@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use fedcdd_core::{
-    Algorithm, Error as CoreError, FedCddConfig, FedOptVariant, Layout, MeanAccumulator,
+    Algorithm, Error as CoreError, FedCddConfig, FedOptVariant, Layout, MeanAccumulator, ServerOpt,
     ServerOptConfig, ServerState, StreamingFedCdd, TensorView, apply_server_opt, init_server_state,
 };
 
@@ -382,6 +382,12 @@ pub fn aggregate(
         for ((acc, (gi, layout)), out) in accs.iter().zip(&slots).zip(outs.iter_mut()) {
             let g = &global.tensors[*gi];
             let fail = |e: CoreError| name_err(e, *gi, &labels);
+            if cfg.rule == ServerOpt::FedAvg {
+                // Stateless: straight from the sum.
+                acc.apply_fedavg(TensorView::F32(&g.data), cfg.server_lr, out)
+                    .map_err(fail)?;
+                continue;
+            }
             let mut mean = vec![0.0f32; layout.len()];
             acc.mean_into(&mut mean).map_err(fail)?;
             let (uses_m, uses_v) = cfg.state_slots();

@@ -16,8 +16,8 @@ use anyhow::{Result, bail};
 use clap::Args;
 use fedcdd_core::mask::Xoshiro256PlusPlus;
 use fedcdd_core::{
-    ClientInput, ClientView, FedCddConfig, Layout, MeanAccumulator, ServerOpt, ServerOptConfig,
-    ServerState, StreamingFedCdd, TensorRole, TensorView, apply_server_opt, fedcdd_batch,
+    ClientInput, ClientView, FedCddConfig, Layout, MeanAccumulator, StreamingFedCdd, TensorRole,
+    TensorView, fedcdd_batch,
 };
 use rand_core_shim::next_f32;
 
@@ -122,30 +122,16 @@ pub fn run_aggregate_bench(a: &AggregateBenchArgs) -> Result<()> {
         Ok(())
     };
 
-    // FedAvg: Δ̄ by the mean accumulator, then the server rule.
-    let opt = ServerOptConfig::defaults(ServerOpt::FedAvg);
+    // FedAvg: the mean accumulator, then the server step straight from its sum.
     let mut acc_buf = vec![0.0f32; MeanAccumulator::buffer_len(tensor_len)];
-    let mut mean = vec![0.0f32; tensor_len];
     let mut avg_out = vec![0.0f32; p];
     let mut fedavg = || -> Result<()> {
         for t in 0..tensors {
             let r = t * tensor_len..(t + 1) * tensor_len;
             let mut acc = MeanAccumulator::new(tensor_len, &mut acc_buf).map_err(core_err)?;
             acc.add_group(&views(r.clone())).map_err(core_err)?;
-            acc.mean_into(&mut mean).map_err(core_err)?;
-            let mut st = ServerState {
-                m: &mut [],
-                v: &mut [],
-                steps: 0,
-            };
-            apply_server_opt(
-                &opt,
-                &mut st,
-                TensorView::F32(&global[r.clone()]),
-                &mean,
-                &mut avg_out[r],
-            )
-            .map_err(core_err)?;
+            acc.apply_fedavg(TensorView::F32(&global[r.clone()]), 1.0, &mut avg_out[r])
+                .map_err(core_err)?;
         }
         black_box(&avg_out);
         Ok(())

@@ -1086,3 +1086,66 @@ fn algorithm_tensor_selection_and_server_rule() {
         assert_eq!(TensorRole::from_name(name), role, "{name}");
     }
 }
+
+/// `MeanAccumulator::apply_fedavg` is `mean_into` + FedAvg's `apply_server_opt` in one sweep:
+/// same result up to rounding, for every global dtype, and the same rejections.
+#[test]
+fn apply_fedavg_matches_mean_then_server_step() {
+    use fedcdd_core::{
+        ErrorKind, MeanAccumulator, ServerOpt, ServerOptConfig, ServerState, TensorView,
+        apply_server_opt,
+    };
+    let mut rng = Rng::new(77);
+    let p = 301;
+    let xs: Vec<Vec<f32>> = (0..5).map(|_| rng.normal_vec(p, 1e-2)).collect();
+    let g32 = rng.normal_vec(p, 1.0);
+    let g16: Vec<half::f16> = g32.iter().map(|v| half::f16::from_f32(*v)).collect();
+    let gb16: Vec<half::bf16> = g32.iter().map(|v| half::bf16::from_f32(*v)).collect();
+    for global in [
+        TensorView::F32(&g32),
+        TensorView::F16(&g16),
+        TensorView::BF16(&gb16),
+    ] {
+        for lr in [1.0f32, 0.3] {
+            let mut buf = vec![0.0; MeanAccumulator::buffer_len(p)];
+            let mut acc = MeanAccumulator::new(p, &mut buf).unwrap();
+            for (i, x) in xs.iter().enumerate() {
+                acc.add(i as u32, 10.0 + i as f32, TensorView::F32(x))
+                    .unwrap();
+            }
+            let mut fused = vec![0.0; p];
+            acc.apply_fedavg(global, lr, &mut fused).unwrap();
+            let mut mean = vec![0.0; p];
+            acc.mean_into(&mut mean).unwrap();
+            let mut cfg = ServerOptConfig::defaults(ServerOpt::FedAvg);
+            cfg.server_lr = lr;
+            let mut st = ServerState {
+                m: &mut [],
+                v: &mut [],
+                steps: 0,
+            };
+            let mut two_step = vec![0.0; p];
+            apply_server_opt(&cfg, &mut st, global, &mean, &mut two_step).unwrap();
+            for (a, b) in fused.iter().zip(&two_step) {
+                assert!((a - b).abs() <= 1e-6 * b.abs().max(1e-3), "{a} vs {b}");
+            }
+            // And both are G + λ·Σ w x / Σ w computed here in f64.
+            let wsum: f64 = (0..5).map(|i| 10.0 + i as f64).sum();
+            for j in 0..p {
+                let m: f64 = (0..5)
+                    .map(|i| (10.0 + i as f64) * xs[i][j] as f64)
+                    .sum::<f64>()
+                    / wsum;
+                let want = global.get(j) as f64 + lr as f64 * m;
+                assert!((fused[j] as f64 - want).abs() <= 1e-5 * want.abs().max(1e-3));
+            }
+        }
+    }
+    let mut buf = vec![0.0; MeanAccumulator::buffer_len(p)];
+    let acc = MeanAccumulator::new(p, &mut buf).unwrap();
+    let mut out = vec![0.0; p];
+    let e = acc
+        .apply_fedavg(TensorView::F32(&g32), 1.0, &mut out)
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NoClients);
+}
