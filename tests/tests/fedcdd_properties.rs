@@ -760,87 +760,40 @@ fn half_precision_inputs_match_reference() {
             let data = random_clients(&mut rng, len, nc);
             let g = rng.normal_vec(len, 1.0);
             let what = describe(&c, rows, cols, role);
-            // Conditioning is judged on the f16 values (bf16 rounds further, but a cancellation
-            // it creates is as unlikely as any other).
 
-            // f16
-            let g16: Vec<f16> = g.iter().map(|&v| f16::from_f32(v)).collect();
-            let d16: Vec<(f32, Vec<f16>)> = data
-                .iter()
-                .map(|(n, x)| (*n, x.iter().map(|&v| f16::from_f32(v)).collect()))
-                .collect();
-            let g16_64: Vec<f64> = g16.iter().map(|v| v.to_f64()).collect();
-            let r16: Vec<(f64, Vec<f64>)> = d16
-                .iter()
-                .map(|(n, x)| (*n as f64, x.iter().map(|v| v.to_f64()).collect()))
-                .collect();
-            let clients: Vec<Client<'_>> = d16
-                .iter()
-                .enumerate()
-                .map(|(i, (n, x))| Client {
-                    id: i as u32,
-                    n: *n,
-                    x: TensorView::F16(x),
-                })
-                .collect();
-            let reference = ref_fedcdd(&c, rows, cols, role, &g16_64, &r16);
+            let order2: Vec<usize> = (0..nc).rev().collect();
+            let case = RoundedCase {
+                c,
+                layout,
+                rows,
+                cols,
+                role,
+                what: &what,
+                order: &order2,
+            };
+            // Conditioning is judged on the f16 values only.
             total += 1;
-            if c.renormalize && reference.cancellation <= 1e-2 {
+            if !case.check(
+                &g,
+                &data,
+                f16::from_f32,
+                f16::to_f64,
+                |x: &[f16]| TensorView::F16(x),
+                "f16",
+                &mut failures,
+            ) {
                 skipped += 1;
                 continue;
             }
-            let ref_step = sub(&reference.out, &g16_64);
-            let order2: Vec<usize> = (0..nc).rev().collect();
-            match stream(c, layout, TensorView::F16(&g16), &clients, &order2) {
-                Ok((out, _, _)) => {
-                    let e = rel_err(&step_of(&out, &g16_64), &ref_step);
-                    if bad(e, 1e-4) {
-                        failures.push(format!("{what}: f16 streaming vs reference {e:.3e}"));
-                    }
-                }
-                Err(e) => failures.push(format!("{what}: f16 streaming error {e}")),
-            }
-            match batch(c, layout, TensorView::F16(&g16), &clients) {
-                Ok((out, _)) => {
-                    let e = rel_err(&step_of(&out, &g16_64), &ref_step);
-                    if bad(e, 1e-4) {
-                        failures.push(format!("{what}: f16 batch vs reference {e:.3e}"));
-                    }
-                }
-                Err(e) => failures.push(format!("{what}: f16 batch error {e}")),
-            }
-
-            // bf16
-            let gb: Vec<bf16> = g.iter().map(|&v| bf16::from_f32(v)).collect();
-            let db: Vec<(f32, Vec<bf16>)> = data
-                .iter()
-                .map(|(n, x)| (*n, x.iter().map(|&v| bf16::from_f32(v)).collect()))
-                .collect();
-            let gb_64: Vec<f64> = gb.iter().map(|v| v.to_f64()).collect();
-            let rb: Vec<(f64, Vec<f64>)> = db
-                .iter()
-                .map(|(n, x)| (*n as f64, x.iter().map(|v| v.to_f64()).collect()))
-                .collect();
-            let clients: Vec<Client<'_>> = db
-                .iter()
-                .enumerate()
-                .map(|(i, (n, x))| Client {
-                    id: i as u32,
-                    n: *n,
-                    x: TensorView::BF16(x),
-                })
-                .collect();
-            let reference = ref_fedcdd(&c, rows, cols, role, &gb_64, &rb);
-            let ref_step = sub(&reference.out, &gb_64);
-            match stream(c, layout, TensorView::BF16(&gb), &clients, &order2) {
-                Ok((out, _, _)) => {
-                    let e = rel_err(&step_of(&out, &gb_64), &ref_step);
-                    if bad(e, 1e-4) {
-                        failures.push(format!("{what}: bf16 streaming vs reference {e:.3e}"));
-                    }
-                }
-                Err(e) => failures.push(format!("{what}: bf16 streaming error {e}")),
-            }
+            case.check(
+                &g,
+                &data,
+                bf16::from_f32,
+                bf16::to_f64,
+                |x: &[bf16]| TensorView::BF16(x),
+                "bf16",
+                &mut failures,
+            );
         }
     }
     eprintln!("{skipped} of {total} cases skipped as ill-conditioned");
@@ -849,6 +802,79 @@ fn half_precision_inputs_match_reference() {
         "{skipped} of {total} cases ill-conditioned"
     );
     finish_failures(&failures);
+}
+
+/// One configuration and shape of `half_precision_inputs_match_reference`.
+struct RoundedCase<'a> {
+    c: FedCddConfig,
+    layout: Layout,
+    rows: usize,
+    cols: usize,
+    role: TensorRole,
+    what: &'a str,
+    order: &'a [usize],
+}
+
+impl RoundedCase<'_> {
+    /// Rounds the global and the clients to `T`, then compares streaming and batch with the
+    /// f64 reference computed on the rounded values. Returns false (checking nothing) when
+    /// the case is too ill-conditioned to compare.
+    #[allow(clippy::too_many_arguments)]
+    fn check<T: Copy>(
+        &self,
+        g: &[f32],
+        data: &[(f32, Vec<f32>)],
+        round: fn(f32) -> T,
+        widen: fn(T) -> f64,
+        view: for<'v> fn(&'v [T]) -> TensorView<'v>,
+        name: &str,
+        failures: &mut Vec<String>,
+    ) -> bool {
+        let what = self.what;
+        let gr: Vec<T> = g.iter().map(|&v| round(v)).collect();
+        let dr: Vec<(f32, Vec<T>)> = data
+            .iter()
+            .map(|(n, x)| (*n, x.iter().map(|&v| round(v)).collect()))
+            .collect();
+        let g64: Vec<f64> = gr.iter().map(|&v| widen(v)).collect();
+        let r64: Vec<(f64, Vec<f64>)> = dr
+            .iter()
+            .map(|(n, x)| (*n as f64, x.iter().map(|&v| widen(v)).collect()))
+            .collect();
+        let clients: Vec<Client<'_>> = dr
+            .iter()
+            .enumerate()
+            .map(|(i, (n, x))| Client {
+                id: i as u32,
+                n: *n,
+                x: view(x),
+            })
+            .collect();
+        let reference = ref_fedcdd(&self.c, self.rows, self.cols, self.role, &g64, &r64);
+        if self.c.renormalize && reference.cancellation <= 1e-2 {
+            return false;
+        }
+        let ref_step = sub(&reference.out, &g64);
+        match stream(self.c, self.layout, view(&gr), &clients, self.order) {
+            Ok((out, _, _)) => {
+                let e = rel_err(&step_of(&out, &g64), &ref_step);
+                if bad(e, 1e-4) {
+                    failures.push(format!("{what}: {name} streaming vs reference {e:.3e}"));
+                }
+            }
+            Err(e) => failures.push(format!("{what}: {name} streaming error {e}")),
+        }
+        match batch(self.c, self.layout, view(&gr), &clients) {
+            Ok((out, _)) => {
+                let e = rel_err(&step_of(&out, &g64), &ref_step);
+                if bad(e, 1e-4) {
+                    failures.push(format!("{what}: {name} batch vs reference {e:.3e}"));
+                }
+            }
+            Err(e) => failures.push(format!("{what}: {name} batch error {e}")),
+        }
+        true
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
