@@ -280,6 +280,18 @@ fn round_to(dtype: DType, x: &[f32]) -> Vec<f32> {
     }
 }
 
+/// Whether `bytes` start like a safetensors file: a little-endian u64 header length that
+/// fits the file, then a JSON object.
+fn looks_like_safetensors(bytes: &[u8]) -> bool {
+    match bytes.get(..9) {
+        Some(b) => {
+            let len = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+            len <= bytes.len() as u64 - 8 && b[8] == b'{'
+        }
+        None => false,
+    }
+}
+
 /// Whether `bytes` start like an upload (rather than a safetensors file).
 pub fn looks_like_upload(bytes: &[u8]) -> bool {
     bytes.len() >= 4 && bytes[..4] == MAGIC
@@ -418,17 +430,28 @@ impl crate::aggregate::ClientLoader for FileClients<'_> {
     }
 
     fn samples(&mut self, index: usize) -> Result<Option<u64>> {
+        // Also a cheap first look at every client, so that a wrong path is reported as such
+        // rather than as a missing sample count.
         let (path, given) = &self.specs[index];
-        if given.is_some() || !path.is_file() {
+        if path.is_dir() {
+            if !path.join(crate::adapter::ADAPTER_MODEL_FILE).is_file() {
+                load_adapter(path)?; // its error says what is missing
+            }
             return Ok(*given);
         }
         let bytes = std::fs::read(path)
-            .with_context(|| format!("cannot read client file {}", path.display()))?;
+            .with_context(|| format!("cannot read client {}", path.display()))?;
         if !looks_like_upload(&bytes) {
-            return Ok(None);
+            if !looks_like_safetensors(&bytes) {
+                bail!(
+                    "client file {} is neither a fedcdd upload nor a safetensors adapter",
+                    path.display()
+                );
+            }
+            return Ok(*given);
         }
         let h = parse_upload(&bytes, path)?.header;
-        Ok((h.num_samples > 0).then_some(h.num_samples))
+        Ok(given.or((h.num_samples > 0).then_some(h.num_samples)))
     }
 
     fn load(&mut self, index: usize) -> Result<ClientUpdate> {
