@@ -329,8 +329,8 @@ fn aggregate_options(a: &AggregateArgs) -> Result<AggregateOptions> {
         renormalize: matches!(a.renormalize, OnOff::On),
         server_lr: a.server_lr.unwrap_or(1.0),
     };
-    fedcdd.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
-    opt.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    fedcdd.validate()?;
+    opt.validate()?;
     Ok(AggregateOptions {
         algorithm,
         fedcdd,

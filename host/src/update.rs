@@ -79,7 +79,7 @@ pub fn encode_update(
     local: &Adapter,
     opts: &EncodeOptions,
 ) -> Result<(Vec<u8>, Vec<EncodedTensor>)> {
-    opts.mask.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    opts.mask.validate()?;
     let lpath = local.path.display();
     let gpath = global.path.display();
     for t in &local.tensors {
@@ -149,13 +149,13 @@ pub fn encode_tensors(
     // First a dry run to size the buffer, then the real write: the same code path twice.
     let mut summary = Vec::new();
     let plan = mask_all(deltas, mask, &mut summary)?;
-    let mut dry = UploadWriter::measure(header).map_err(core_err)?;
+    let mut dry = UploadWriter::measure(header)?;
     write_records(&mut dry, deltas, &plan, mask, seed)?;
-    let len = dry.finish().map_err(core_err)?;
+    let len = dry.finish()?;
     let mut buf = vec![0u8; len];
-    let mut w = UploadWriter::new(&mut buf, header).map_err(core_err)?;
+    let mut w = UploadWriter::new(&mut buf, header)?;
     write_records(&mut w, deltas, &plan, mask, seed)?;
-    let written = w.finish().map_err(core_err)?;
+    let written = w.finish()?;
     debug_assert_eq!(written, len);
     Ok((buf, summary))
 }
@@ -166,10 +166,6 @@ struct MaskPlan {
     values: Vec<f32>,
     sigma: f32,
     dense: bool,
-}
-
-fn core_err(e: fedcdd_core::Error) -> anyhow::Error {
-    anyhow::anyhow!("{e}")
 }
 
 fn layout_of(t: &Tensor) -> Result<Layout> {
