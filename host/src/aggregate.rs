@@ -391,16 +391,23 @@ pub fn aggregate(
             let mut mean = vec![0.0f32; layout.len()];
             acc.mean_into(&mut mean).map_err(fail)?;
             let (uses_m, uses_v) = cfg.state_slots();
-            let mut fresh_m = vec![0.0f32; layout.len()];
-            let mut fresh_v = vec![0.0f32; layout.len()];
-            init_server_state(&cfg, &mut fresh_m, &mut fresh_v);
+            // A moment missing from the state starts fresh (m = 0, v = τ²); only then is one built.
+            let fresh = |first: bool| {
+                let mut buf = vec![0.0f32; layout.len()];
+                if first {
+                    init_server_state(&cfg, &mut buf, &mut []);
+                } else {
+                    init_server_state(&cfg, &mut [], &mut buf);
+                }
+                buf
+            };
             let mut m = if uses_m {
-                state.m.remove(&g.name).unwrap_or(fresh_m)
+                state.m.remove(&g.name).unwrap_or_else(|| fresh(true))
             } else {
                 Vec::new()
             };
             let mut v = if uses_v {
-                state.v.remove(&g.name).unwrap_or(fresh_v)
+                state.v.remove(&g.name).unwrap_or_else(|| fresh(false))
             } else {
                 Vec::new()
             };
