@@ -46,6 +46,14 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Write a synthetic round (a global PEFT adapter and client adapters) to try the commands on.
     MakeExample(crate::example::ExampleArgs),
+    /// Write an HF LLaMA model directory (config, random weights, tokenizer) from a preset.
+    InitModel(crate::init_model::InitModelArgs),
+    /// One client: centralized LoRA fine-tuning; writes a PEFT adapter.
+    Train(crate::cli_model::TrainArgs),
+    /// Mean token loss and perplexity, overall and per domain.
+    Eval(crate::cli_model::EvalArgs),
+    /// Generate text with a KV cache (greedy, temperature, top-p).
+    Generate(crate::cli_model::GenerateArgs),
     /// Benchmarks (reported next to this machine's own reference figures).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -288,6 +296,9 @@ pub enum BenchCommand {
     /// Times batch and streaming FedCDD and FedAvg on random data against this machine's
     /// memory-read bandwidth, measured in the same run.
     Aggregate(bench::AggregateBenchArgs),
+    /// Tokens/s of LoRA training steps (forward + backward + optimizer), peak RSS, and
+    /// GFLOP/s against this machine's matmul peak, measured in the same run.
+    Train(crate::bench_train::TrainBenchArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -298,6 +309,24 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Inspect(a) => cmd_inspect(a),
         Command::MakeExample(a) => crate::example::make_example(&a),
         Command::Bench(BenchCommand::Aggregate(a)) => bench::run_aggregate_bench(&a),
+        Command::Bench(BenchCommand::Train(a)) => crate::bench_train::run_train_bench(&a),
+        Command::InitModel(a) => crate::init_model::init_model(&a),
+        Command::Train(a) => crate::cli_model::run_train(&a),
+        Command::Eval(a) => {
+            let report = crate::cli_model::run_eval(&a)?;
+            let text = if a.json {
+                let mut t = serde_json::to_string_pretty(&report)?;
+                t.push('\n');
+                t
+            } else {
+                crate::cli_model::format_eval(&report)
+            };
+            print_stdout(&text)
+        }
+        Command::Generate(a) => {
+            let text = crate::cli_model::run_generate(&a)?;
+            print_stdout(&format!("{text}\n"))
+        }
     }
 }
 

@@ -1,0 +1,313 @@
+//! `fedcdd bench train`: tokens/s of LoRA training steps (forward + backward + optimizer),
+//! the FLOP rate that implies, against this machine's matmul peak measured in the same run,
+//! and peak RSS. `--torch` also runs PyTorch + PEFT on the same model and shapes
+//! (scripts/bench_torch_train.py) and prints the ratio.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser};
+use fedcdd_kernels::{AdamW, Backend, Cpu};
+
+use crate::cli_model::{LoraArgs, Progress, load_model};
+use crate::data::Batch;
+use crate::model::config::LlamaConfig;
+use crate::model::llama::{Lora, Workspace};
+use crate::model::lora::{LoraConfig, Proj};
+use crate::train::{OptState, Optimizer, train_step};
+
+#[derive(Args, Debug, Clone)]
+pub struct TrainBenchArgs {
+    /// Built-in model preset (written to a temporary directory first).
+    #[arg(long, default_value = "tiny", conflicts_with = "model")]
+    pub preset: String,
+    /// An HF LLaMA model directory instead of a preset.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 256)]
+    pub seq: usize,
+    /// Timed optimizer steps.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    #[command(flatten)]
+    pub lora: LoraArgs,
+    /// CPU worker threads (0 = one per core).
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Seconds spent measuring the machine's matmul peak.
+    #[arg(long, default_value_t = 1.0)]
+    pub peak_seconds: f64,
+    /// Also time PyTorch + PEFT (f32, eager) on the same model and shapes with
+    /// scripts/bench_torch_train.py, and print the ratio.
+    #[arg(long)]
+    pub torch: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Parser)]
+struct InitWrap {
+    #[command(flatten)]
+    args: crate::init_model::InitModelArgs,
+}
+
+/// Writes a preset model into `dir` through `init-model`'s own code path.
+pub fn write_preset(preset: &str, dir: &Path) -> Result<()> {
+    let out = dir.display().to_string();
+    let wrap = InitWrap::try_parse_from(["init-model", "--preset", preset, "--out", &out])
+        .map_err(|e| anyhow::anyhow!("preset {preset:?}: {e}"))?;
+    crate::init_model::init_model(&wrap.args)
+}
+
+/// FLOPs of one training step as this engine runs it (causal attention counted as half the
+/// square; backward = input gradients of the frozen matmuls + LoRA gradients).
+pub fn train_step_flops(c: &LlamaConfig, lora: &LoraConfig, batch: usize, seq: usize) -> f64 {
+    let m = (batch * seq) as f64;
+    let mut linear = 0.0;
+    let mut lora_f = 0.0;
+    for p in Proj::ALL {
+        let (fin, fout) = p.dims(c);
+        linear += 2.0 * m * (fin * fout) as f64;
+        if lora.targets(p) {
+            lora_f += 2.0 * m * (lora.r * (fin + fout)) as f64;
+        }
+    }
+    let layers = c.num_hidden_layers as f64;
+    let attn_fwd =
+        2.0 * batch as f64 * c.num_attention_heads as f64 * (seq * seq) as f64 * c.head_dim as f64;
+    let lm_head = 2.0 * m * (c.hidden_size * c.vocab_size) as f64;
+    // forward + input-gradient backward: 2× each frozen matmul; LoRA: 1× forward, 2× backward;
+    // attention backward recomputes scores: 5 matmuls against forward's 2.
+    layers * (2.0 * linear + 3.0 * lora_f + attn_fwd * 3.5) + 2.0 * lm_head
+}
+
+/// Peak resident set size of this process (VmHWM), in bytes, where the OS tells it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn random_batch(vocab: usize, batch: usize, seq: usize, seed: u64) -> Batch {
+    let mut state = seed;
+    let mut next = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) % vocab as u64) as i32
+    };
+    let stream: Vec<i32> = (0..batch * (seq + 1)).map(|_| next()).collect();
+    let mut ids = Vec::with_capacity(batch * seq);
+    let mut targets = Vec::with_capacity(batch * seq);
+    for b in 0..batch {
+        let row = &stream[b * (seq + 1)..(b + 1) * (seq + 1)];
+        ids.extend_from_slice(&row[..seq]);
+        targets.extend_from_slice(&row[1..]);
+    }
+    Batch {
+        batch,
+        seq,
+        n_targets: batch * seq,
+        ids,
+        targets,
+        example_index: (0..batch).collect(),
+    }
+}
+
+pub fn run_train_bench(a: &TrainBenchArgs) -> Result<()> {
+    if a.steps == 0 || a.batch == 0 || a.seq == 0 {
+        bail!("--steps, --batch and --seq must be at least 1");
+    }
+    let be = Cpu::new(a.threads).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let tmp;
+    let (dir, label) = match &a.model {
+        Some(d) => (d.clone(), d.display().to_string()),
+        None => {
+            tmp = TempDir::new("fedcdd-bench-model")?;
+            eprintln!("writing the {} preset to {}", a.preset, tmp.0.display());
+            write_preset(&a.preset, &tmp.0)?;
+            (tmp.0.clone(), format!("preset {}", a.preset))
+        }
+    };
+    let lm = load_model(&be, &dir)?;
+    let cfg = &lm.model.config;
+    let lcfg = a.lora.config()?;
+    let mut lora = Lora::init(&be, cfg, lcfg.clone(), 0)?;
+    let mut ws = Workspace::new(&be, cfg, &lcfg, a.batch, a.seq);
+    let mut opt = OptState::new(&be, &mut lora);
+    let optimizer = Optimizer::AdamW(AdamW {
+        lr: 1e-4,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.0,
+    });
+    let progress = Progress::new();
+    let total = a.warmup + a.steps;
+    let mut step_secs = Vec::with_capacity(a.steps);
+    for step in 0..total {
+        let batch = [random_batch(cfg.vocab_size, a.batch, a.seq, step as u64)];
+        let t = Instant::now();
+        train_step(
+            &be,
+            &lm.model,
+            &mut lora,
+            &mut opt,
+            &mut ws,
+            &batch,
+            optimizer,
+            Some(1.0),
+            step as u64,
+            |_, _| {},
+        )?;
+        if step >= a.warmup {
+            step_secs.push(t.elapsed().as_secs_f64());
+        }
+        progress.update(step + 1, total, "steps");
+    }
+    progress.finish();
+    let rss = peak_rss_bytes();
+    eprintln!(
+        "measuring this machine's f32 matmul peak ({:.1}s)",
+        a.peak_seconds
+    );
+    let peak_gflops = fedcdd_kernels::cpu::matmul::measure_matmul_peak(&be, a.peak_seconds);
+    let mut sorted = step_secs.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let tokens = (a.batch * a.seq) as f64;
+    let flops = train_step_flops(cfg, &lcfg, a.batch, a.seq);
+    let tps_median = tokens / median;
+    let gflops = flops / median / 1e9;
+    let torch = if a.torch {
+        Some(run_torch(&dir, a)?)
+    } else {
+        None
+    };
+    let json = serde_json::json!({
+        "model": label,
+        "backend": be.name(),
+        "batch": a.batch,
+        "seq": a.seq,
+        "lora_r": lcfg.r,
+        "lora_targets": lcfg.targets.iter().map(|p| p.module_name()).collect::<Vec<_>>(),
+        "steps": a.steps,
+        "step_seconds": {"min": sorted[0], "median": median, "max": sorted[sorted.len() - 1]},
+        "tokens_per_second": {"min": tokens / sorted[sorted.len() - 1], "median": tps_median, "max": tokens / sorted[0]},
+        "gflop_per_step": flops / 1e9,
+        "achieved_gflops": gflops,
+        "matmul_peak_gflops": peak_gflops,
+        "fraction_of_peak": gflops / peak_gflops,
+        "peak_rss_bytes": rss,
+        "torch_tokens_per_second": torch,
+        "speedup_vs_torch": torch.map(|t| tps_median / t),
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&json)?);
+        return Ok(());
+    }
+    println!(
+        "model          {label} ({} layers, hidden {}, vocab {})",
+        cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
+    );
+    println!("backend        {}", be.name());
+    println!(
+        "shape          batch {} x seq {}, LoRA r={} on {} projections",
+        a.batch,
+        a.seq,
+        lcfg.r,
+        lcfg.targets.len()
+    );
+    println!(
+        "step time      {:.4} / {:.4} / {:.4} s (min / median / max of {})",
+        sorted[0],
+        median,
+        sorted[sorted.len() - 1],
+        a.steps
+    );
+    println!("tokens/s       {tps_median:.0} (median step)");
+    println!(
+        "compute        {:.2} GFLOP/step -> {gflops:.1} GFLOP/s = {:.0}% of this machine's f32 matmul peak ({peak_gflops:.1} GFLOP/s, measured now)",
+        flops / 1e9,
+        100.0 * gflops / peak_gflops
+    );
+    if let Some(rss) = rss {
+        println!("peak RSS       {:.1} MiB", rss as f64 / (1 << 20) as f64);
+    }
+    if let Some(t) = torch {
+        println!(
+            "PyTorch+PEFT   {t:.0} tokens/s (f32 eager, same model and shapes) -> fedcdd is {:.2}x",
+            tps_median / t
+        );
+    }
+    Ok(())
+}
+
+/// Runs scripts/bench_torch_train.py and returns its tokens/s.
+fn run_torch(dir: &Path, a: &TrainBenchArgs) -> Result<f64> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench_torch_train.py");
+    eprintln!("timing PyTorch + PEFT with {}", script.display());
+    let out = Command::new("python3")
+        .arg(&script)
+        .args(["--model", &dir.display().to_string()])
+        .args(["--batch", &a.batch.to_string(), "--seq", &a.seq.to_string()])
+        .args([
+            "--steps",
+            &a.steps.to_string(),
+            "--warmup",
+            &a.warmup.to_string(),
+        ])
+        .args([
+            "--lora-r",
+            &a.lora.r.to_string(),
+            "--targets",
+            &a.lora.targets,
+        ])
+        .args(["--threads", &a.threads.to_string()])
+        .output()
+        .context("cannot run python3 for --torch")?;
+    if !out.status.success() {
+        bail!(
+            "the PyTorch benchmark failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(text.trim())
+        .with_context(|| format!("the PyTorch benchmark printed no JSON: {text}"))?;
+    v["tokens_per_second"]
+        .as_f64()
+        .context("the PyTorch benchmark printed no tokens_per_second")
+}
+
+/// A directory removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> Result<Self> {
+        let base = std::env::temp_dir();
+        for i in 0..1000u32 {
+            let p = base.join(format!("{prefix}-{}-{i}", std::process::id()));
+            if std::fs::create_dir(&p).is_ok() {
+                return Ok(TempDir(p));
+            }
+        }
+        bail!("cannot create a temporary directory in {}", base.display())
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,1052 @@
+//! The LLaMA decoder with LoRA, llm.c style: flat buffers, an explicit forward that saves what
+//! backward needs, and an explicit backward over the LoRA parameters only (the base weights
+//! are frozen, so no base-weight gradient is ever formed).
+
+use anyhow::{Context, Result, bail};
+use fedcdd_kernels::{
+    AttnShape, Backend, Copy2d, LoraDims, LossSum, RopeScaling, RopeShape, RopeTable,
+};
+
+use super::checkpoint::Checkpoint;
+use super::config::LlamaConfig;
+use super::lora::{LoraConfig, Proj, init_lora_a, peft_names};
+use crate::adapter::Tensor;
+
+/// Targets equal to this are ignored by the loss (PyTorch's convention).
+pub const IGNORE_INDEX: i32 = -100;
+
+/// Frozen weights of one decoder layer.
+pub struct LayerWeights<B: Backend> {
+    pub attn_norm: B::Weight,
+    pub mlp_norm: B::Weight,
+    /// Indexed by [`Proj::index`].
+    pub proj: [B::Weight; 7],
+}
+
+/// The frozen base model on a backend.
+pub struct Model<B: Backend> {
+    pub config: LlamaConfig,
+    pub embed: B::Weight,
+    pub layers: Vec<LayerWeights<B>>,
+    pub norm: B::Weight,
+    /// `None` when the embeddings are tied (`lm_head` = `embed_tokens`).
+    pub lm_head: Option<B::Weight>,
+    /// RoPE cos/sin tables `[positions, head_dim/2]`.
+    pub rope_cos: B::Buf,
+    pub rope_sin: B::Buf,
+    pub rope_positions: usize,
+}
+
+impl<B: Backend> Model<B> {
+    /// Loads every base weight from a checkpoint (memory-mapped: CPU weights read the
+    /// mapping in place) and checks each shape against the config.
+    pub fn load(backend: &B, config: LlamaConfig, ckpt: &Checkpoint) -> Result<Self> {
+        let c = &config;
+        let h = c.hidden_size;
+        let w = |name: &str, shape: &[usize]| -> Result<B::Weight> {
+            let src = ckpt.weight(name, shape)?;
+            backend
+                .weight(&src)
+                .map_err(|e| anyhow::anyhow!("tensor {name}: {e}"))
+        };
+        let embed = w("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let prefix = format!("model.layers.{l}");
+            let proj = Proj::ALL.map(|p| {
+                let (fin, fout) = p.dims(c);
+                w(&format!("{prefix}.{}.weight", p.layer_path()), &[fout, fin])
+            });
+            let [q, k, v, o, gate, up, down] = proj;
+            layers.push(LayerWeights {
+                attn_norm: w(&format!("{prefix}.input_layernorm.weight"), &[h])?,
+                mlp_norm: w(&format!("{prefix}.post_attention_layernorm.weight"), &[h])?,
+                proj: [q?, k?, v?, o?, gate?, up?, down?],
+            });
+        }
+        let norm = w("model.norm.weight", &[h])?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(w("lm_head.weight", &[c.vocab_size, h])?)
+        };
+        let positions = c.max_position_embeddings.max(1);
+        let table = RopeTable::new(c.head_dim, c.rope_theta, c.rope_scaling, positions);
+        Ok(Model {
+            rope_cos: backend.upload(&table.cos),
+            rope_sin: backend.upload(&table.sin),
+            rope_positions: positions,
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    fn lm_head(&self) -> &B::Weight {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+}
+
+/// One LoRA module's parameters and gradients.
+pub struct LoraModule<B: Backend> {
+    pub a: B::Buf,
+    pub b: B::Buf,
+    pub da: B::Buf,
+    pub db: B::Buf,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+/// Every LoRA module of the model: `modules[layer][proj]`.
+pub struct Lora<B: Backend> {
+    pub config: LoraConfig,
+    pub modules: Vec<[Option<LoraModule<B>>; 7]>,
+}
+
+impl<B: Backend> Lora<B> {
+    /// PEFT's init (A kaiming-uniform, B zero), deterministic from `seed`.
+    pub fn init(backend: &B, model: &LlamaConfig, config: LoraConfig, seed: u64) -> Result<Self> {
+        config.validate()?;
+        let r = config.r;
+        let mut modules = Vec::with_capacity(model.num_hidden_layers);
+        for l in 0..model.num_hidden_layers {
+            let layer = Proj::ALL.map(|p| {
+                if !config.targets(p) {
+                    return None;
+                }
+                let (fin, fout) = p.dims(model);
+                let module_seed = seed
+                    .wrapping_mul(0x100_0000_01B3)
+                    .wrapping_add((l * 7 + p.index()) as u64);
+                Some(LoraModule {
+                    a: backend.upload(&init_lora_a(r, fin, module_seed)),
+                    b: backend.zeros(fout * r),
+                    da: backend.zeros(r * fin),
+                    db: backend.zeros(fout * r),
+                    in_features: fin,
+                    out_features: fout,
+                })
+            });
+            modules.push(layer);
+        }
+        Ok(Lora { config, modules })
+    }
+
+    /// Replaces the parameters with PEFT-named tensors (an adapter's); every module of this
+    /// LoRA layout must be present with its exact shape, and nothing else.
+    pub fn load_tensors(&mut self, backend: &B, tensors: &[Tensor], origin: &str) -> Result<()> {
+        let r = self.config.r;
+        let mut used = 0usize;
+        for (l, layer) in self.modules.iter_mut().enumerate() {
+            for p in Proj::ALL {
+                let Some(m) = layer[p.index()].as_mut() else {
+                    continue;
+                };
+                let (na, nb) = peft_names(l, p);
+                for (name, dims, dst) in [
+                    (&na, [r, m.in_features], &mut m.a),
+                    (&nb, [m.out_features, r], &mut m.b),
+                ] {
+                    let t = tensors.iter().find(|t| &t.name == name).with_context(|| {
+                        format!(
+                            "{origin}: tensor {name} is missing (the adapter config targets it)"
+                        )
+                    })?;
+                    if t.dims != dims {
+                        bail!(
+                            "{origin}: tensor {name} has shape {:?}, expected {:?}",
+                            t.dims,
+                            dims
+                        );
+                    }
+                    if let Some(i) = t.data.iter().position(|v| !v.is_finite()) {
+                        bail!("{origin}: tensor {name} holds a non-finite value at element {i}");
+                    }
+                    *dst = backend.upload(&t.data);
+                    used += 1;
+                }
+            }
+        }
+        if used != tensors.len() {
+            let extra: Vec<&str> = tensors
+                .iter()
+                .map(|t| t.name.as_str())
+                .filter(|n| {
+                    !(0..self.modules.len()).any(|l| {
+                        Proj::ALL.iter().any(|&p| {
+                            let (a, b) = peft_names(l, p);
+                            self.config.targets(p) && (a == *n || b == *n)
+                        })
+                    })
+                })
+                .take(3)
+                .collect();
+            bail!("{origin}: tensors not in this LoRA layout: {extra:?}");
+        }
+        Ok(())
+    }
+
+    /// The parameters as PEFT-named f32 tensors (A `[r, in]`, B `[out, r]`).
+    pub fn to_tensors(&self, backend: &B) -> Vec<Tensor> {
+        let r = self.config.r;
+        let mut out = Vec::new();
+        for (l, layer) in self.modules.iter().enumerate() {
+            for p in Proj::ALL {
+                let Some(m) = layer[p.index()].as_ref() else {
+                    continue;
+                };
+                let (na, nb) = peft_names(l, p);
+                for (name, dims, buf) in [
+                    (na, vec![r, m.in_features], &m.a),
+                    (nb, vec![m.out_features, r], &m.b),
+                ] {
+                    let mut data = vec![0.0; dims[0] * dims[1]];
+                    backend.download(buf, &mut data);
+                    out.push(Tensor {
+                        name,
+                        dims,
+                        dtype: fedcdd_core::DType::F32,
+                        data,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// Every (parameter, gradient) pair, in a fixed order.
+    pub fn params_mut(&mut self) -> Vec<(&mut B::Buf, &mut B::Buf)> {
+        let mut out = Vec::new();
+        for layer in self.modules.iter_mut() {
+            for m in layer.iter_mut().flatten() {
+                out.push((&mut m.a, &mut m.da));
+                out.push((&mut m.b, &mut m.db));
+            }
+        }
+        out
+    }
+
+    pub fn zero_grads(&mut self, backend: &B) {
+        for (_, g) in self.params_mut() {
+            backend.fill(g, 0.0);
+        }
+    }
+
+    pub fn num_parameters(&self) -> usize {
+        let r = self.config.r;
+        self.modules
+            .iter()
+            .flat_map(|l| l.iter().flatten())
+            .map(|m| r * (m.in_features + m.out_features))
+            .sum()
+    }
+}
+
+/// What forward saves for backward, per layer.
+struct LayerActs<B: Backend> {
+    x_in: B::Buf,
+    n1: B::Buf,
+    rstd1: B::Buf,
+    q: B::Buf,
+    k: B::Buf,
+    v: B::Buf,
+    attn: B::Buf,
+    lse: B::Buf,
+    x_mid: B::Buf,
+    n2: B::Buf,
+    rstd2: B::Buf,
+    gate: B::Buf,
+    up: B::Buf,
+    h: B::Buf,
+    /// LoRA `u = x·Aᵀ` per projection.
+    lora_u: [Option<B::Buf>; 7],
+}
+
+/// Activation and scratch buffers for one (batch, seq) shape; reused across steps.
+pub struct Workspace<B: Backend> {
+    pub batch: usize,
+    pub seq: usize,
+    layers: Vec<LayerActs<B>>,
+    x_final: B::Buf,
+    n_final: B::Buf,
+    rstd_final: B::Buf,
+    logits: B::Buf,
+    row_loss: B::Buf,
+    // backward scratch
+    dx: B::Buf,
+    dn: B::Buf,
+    dq: B::Buf,
+    dk: B::Buf,
+    dv: B::Buf,
+    dattn: B::Buf,
+    dh: B::Buf,
+    dgate: B::Buf,
+    dup: B::Buf,
+    du_lora: B::Buf,
+    /// Dropped-out LoRA inputs (forward recompute) and their gradients, one per input width.
+    drops: DropBufs<B>,
+}
+
+/// Scratch for LoRA dropout: a (dropped x, its gradient) pair for each distinct input length.
+pub struct DropBufs<B: Backend> {
+    pairs: Vec<(B::Buf, B::Buf)>,
+}
+
+impl<B: Backend> DropBufs<B> {
+    fn new(be: &B, lens: &[usize]) -> Self {
+        let mut pairs: Vec<(B::Buf, B::Buf)> = Vec::new();
+        for &n in lens {
+            if !pairs.iter().any(|(x, _)| be.buf_len(x) == n) {
+                pairs.push((be.zeros(n), be.zeros(n)));
+            }
+        }
+        DropBufs { pairs }
+    }
+
+    fn get(&mut self, be: &B, len: usize) -> (&mut B::Buf, &mut B::Buf) {
+        let i = self
+            .pairs
+            .iter()
+            .position(|(x, _)| be.buf_len(x) == len)
+            .unwrap_or_else(|| panic!("no dropout scratch of {len} floats"));
+        let (x, dx) = &mut self.pairs[i];
+        (x, dx)
+    }
+}
+
+impl<B: Backend> Workspace<B> {
+    pub fn new(backend: &B, c: &LlamaConfig, lora: &LoraConfig, batch: usize, seq: usize) -> Self {
+        let m = batch * seq;
+        let h = c.hidden_size;
+        let qd = c.num_attention_heads * c.head_dim;
+        let kvd = c.num_key_value_heads * c.head_dim;
+        let i = c.intermediate_size;
+        let z = |n: usize| backend.zeros(n);
+        let layers = (0..c.num_hidden_layers)
+            .map(|_| LayerActs {
+                x_in: z(m * h),
+                n1: z(m * h),
+                rstd1: z(m),
+                q: z(m * qd),
+                k: z(m * kvd),
+                v: z(m * kvd),
+                attn: z(m * qd),
+                lse: z(batch * c.num_attention_heads * seq),
+                x_mid: z(m * h),
+                n2: z(m * h),
+                rstd2: z(m),
+                gate: z(m * i),
+                up: z(m * i),
+                h: z(m * i),
+                lora_u: Proj::ALL.map(|p| lora.targets(p).then(|| z(m * lora.r))),
+            })
+            .collect();
+        Workspace {
+            batch,
+            seq,
+            layers,
+            x_final: z(m * h),
+            n_final: z(m * h),
+            rstd_final: z(m),
+            logits: z(m * c.vocab_size),
+            row_loss: z(m),
+            dx: z(m * h),
+            dn: z(m * h),
+            dq: z(m * qd),
+            dk: z(m * kvd),
+            dv: z(m * kvd),
+            dattn: z(m * qd),
+            dh: z(m * i),
+            dgate: z(m * i),
+            dup: z(m * i),
+            du_lora: z(m * lora.r),
+            drops: if lora.dropout > 0.0 {
+                DropBufs::new(backend, &[m * h, m * qd, m * i])
+            } else {
+                DropBufs { pairs: Vec::new() }
+            },
+        }
+    }
+
+    /// Per-row losses of the last forward (0 for ignored rows), `[batch·seq]`.
+    pub fn row_loss(&self) -> &B::Buf {
+        &self.row_loss
+    }
+}
+
+/// Dropout seed of one LoRA module in one micro-step.
+fn dropout_seed(step_seed: u64, layer: usize, p: Proj) -> u64 {
+    step_seed
+        ^ ((layer as u64) << 40 | (p.index() as u64) << 32).wrapping_mul(0xD6E8_FEB8_6659_FD93)
+}
+
+/// What a forward does with LoRA dropout: `Some(seed)` in training, `None` in evaluation.
+#[derive(Clone, Copy, Debug)]
+pub struct Mode {
+    pub dropout_seed: Option<u64>,
+}
+
+/// `y = x·Wᵀ (+ scale·(drop(x)·Aᵀ)·Bᵀ)`, saving LoRA's `u`.
+#[allow(clippy::too_many_arguments)]
+fn project<B: Backend>(
+    be: &B,
+    w: &B::Weight,
+    lora: Option<&LoraModule<B>>,
+    lcfg: &LoraConfig,
+    x: &B::Buf,
+    y: &mut B::Buf,
+    u: Option<&mut B::Buf>,
+    drops: &mut DropBufs<B>,
+    m: usize,
+    dropout: Option<u64>,
+) {
+    be.linear_forward(x, w, y, m, false);
+    if let (Some(lm), Some(u)) = (lora, u) {
+        let d = LoraDims {
+            m,
+            k: lm.in_features,
+            n: lm.out_features,
+            r: lcfg.r,
+            scale: lcfg.scale(),
+        };
+        match dropout {
+            Some(seed) if lcfg.dropout > 0.0 => {
+                let (drop_x, _) = drops.get(be, be.buf_len(x));
+                be.dropout_forward(x, drop_x, lcfg.dropout, seed);
+                be.lora_forward(drop_x, &lm.a, &lm.b, d, u, y);
+            }
+            _ => be.lora_forward(x, &lm.a, &lm.b, d, u, y),
+        }
+    }
+}
+
+/// Backward of [`project`]: `dx (+)= dy·W + LoRA's path`, LoRA grads accumulated.
+#[allow(clippy::too_many_arguments)]
+fn project_backward<B: Backend>(
+    be: &B,
+    w: &B::Weight,
+    lora: Option<&mut LoraModule<B>>,
+    lcfg: &LoraConfig,
+    x: &B::Buf,
+    u: Option<&B::Buf>,
+    dy: &B::Buf,
+    dx: &mut B::Buf,
+    accumulate: bool,
+    ws_du: &mut B::Buf,
+    drops: &mut DropBufs<B>,
+    m: usize,
+    dropout: Option<u64>,
+) {
+    be.linear_backward_input(dy, w, dx, m, accumulate);
+    if let (Some(lm), Some(u)) = (lora, u) {
+        let d = LoraDims {
+            m,
+            k: lm.in_features,
+            n: lm.out_features,
+            r: lcfg.r,
+            scale: lcfg.scale(),
+        };
+        match dropout {
+            Some(seed) if lcfg.dropout > 0.0 => {
+                let (drop_x, drop_dx) = drops.get(be, be.buf_len(x));
+                be.dropout_forward(x, drop_x, lcfg.dropout, seed);
+                be.fill(drop_dx, 0.0);
+                be.lora_backward(
+                    drop_x,
+                    &lm.a,
+                    &lm.b,
+                    u,
+                    dy,
+                    d,
+                    &mut lm.da,
+                    &mut lm.db,
+                    ws_du,
+                    Some(drop_dx),
+                );
+                be.dropout_backward(drop_dx, dx, lcfg.dropout, seed);
+            }
+            _ => be.lora_backward(
+                x,
+                &lm.a,
+                &lm.b,
+                u,
+                dy,
+                d,
+                &mut lm.da,
+                &mut lm.db,
+                ws_du,
+                Some(dx),
+            ),
+        }
+    }
+}
+
+fn check_ids(ids: &[i32], vocab: usize, what: &str) -> Result<()> {
+    if let Some((i, &t)) = ids
+        .iter()
+        .enumerate()
+        .find(|&(_, &t)| t < 0 || t as usize >= vocab)
+    {
+        bail!("{what}: token {t} at position {i} is outside the vocabulary (size {vocab})");
+    }
+    Ok(())
+}
+
+/// Forward over a `[batch, seq]` batch: fills `ws` (saved activations, logits, per-row
+/// losses) and returns the loss sum and target count. With `grad_scale`, the logits buffer
+/// is left holding `grad_scale · ∂loss_sum/∂logits` for [`backward`].
+pub fn forward<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    lora: &Lora<B>,
+    ws: &mut Workspace<B>,
+    ids: &[i32],
+    targets: &[i32],
+    mode: Mode,
+    grad_scale: Option<f32>,
+) -> Result<LossSum> {
+    let c = &model.config;
+    let (batch, seq) = (ws.batch, ws.seq);
+    let m = batch * seq;
+    if ids.len() != m || targets.len() != m {
+        bail!(
+            "batch holds {} ids and {} targets, the workspace is {batch}x{seq}",
+            ids.len(),
+            targets.len()
+        );
+    }
+    if seq > model.rope_positions {
+        bail!(
+            "sequence length {seq} exceeds max_position_embeddings {}",
+            model.rope_positions
+        );
+    }
+    check_ids(ids, c.vocab_size, "input ids")?;
+    if let Some((i, &t)) = targets
+        .iter()
+        .enumerate()
+        .find(|&(_, &t)| t != IGNORE_INDEX && (t < 0 || t as usize >= c.vocab_size))
+    {
+        bail!(
+            "target {t} at position {i} is outside the vocabulary (size {})",
+            c.vocab_size
+        );
+    }
+    let h = c.hidden_size;
+    let ids_buf = be.upload_ids(ids);
+    let lcfg = &lora.config;
+    let mut x = be.zeros(0);
+    std::mem::swap(&mut x, &mut ws.dx); // reuse dx as the running residual during forward
+    be.embedding_forward(&model.embed, &ids_buf, &mut x);
+    let attn_shape = AttnShape {
+        batch,
+        q_len: seq,
+        kv_len: seq,
+        kv_stride: seq,
+        q_heads: c.num_attention_heads,
+        kv_heads: c.num_key_value_heads,
+        head_dim: c.head_dim,
+        q_pos0: 0,
+        scale: 1.0 / (c.head_dim as f32).sqrt(),
+    };
+    for (l, (lw, la)) in model.layers.iter().zip(ws.layers.iter_mut()).enumerate() {
+        let lm = &lora.modules[l];
+        let seed = |p: Proj| mode.dropout_seed.map(|s| dropout_seed(s, l, p));
+        be.copy_2d(&x, &mut la.x_in, flat(m * h));
+        be.rmsnorm_forward(
+            &x,
+            &lw.attn_norm,
+            &mut la.n1,
+            &mut la.rstd1,
+            m,
+            h,
+            c.rms_norm_eps as f32,
+        );
+        for (p, out) in [
+            (Proj::Q, &mut la.q),
+            (Proj::K, &mut la.k),
+            (Proj::V, &mut la.v),
+        ] {
+            let i = p.index();
+            project(
+                be,
+                &lw.proj[i],
+                lm[i].as_ref(),
+                lcfg,
+                &la.n1,
+                out,
+                la.lora_u[i].as_mut(),
+                &mut ws.drops,
+                m,
+                seed(p),
+            );
+        }
+        let rope = |heads| RopeShape {
+            batch,
+            seq,
+            heads,
+            head_dim: c.head_dim,
+            pos0: 0,
+        };
+        be.rope(
+            &mut la.q,
+            &model.rope_cos,
+            &model.rope_sin,
+            rope(c.num_attention_heads),
+            false,
+        );
+        be.rope(
+            &mut la.k,
+            &model.rope_cos,
+            &model.rope_sin,
+            rope(c.num_key_value_heads),
+            false,
+        );
+        be.attention_forward(&la.q, &la.k, &la.v, &mut la.attn, &mut la.lse, attn_shape);
+        let o = Proj::O.index();
+        project(
+            be,
+            &lw.proj[o],
+            lm[o].as_ref(),
+            lcfg,
+            &la.attn,
+            &mut ws.dn,
+            la.lora_u[o].as_mut(),
+            &mut ws.drops,
+            m,
+            seed(Proj::O),
+        );
+        be.axpy(&mut x, 1.0, &ws.dn);
+        be.copy_2d(&x, &mut la.x_mid, flat(m * h));
+        be.rmsnorm_forward(
+            &x,
+            &lw.mlp_norm,
+            &mut la.n2,
+            &mut la.rstd2,
+            m,
+            h,
+            c.rms_norm_eps as f32,
+        );
+        for (p, out) in [(Proj::Gate, &mut la.gate), (Proj::Up, &mut la.up)] {
+            let i = p.index();
+            project(
+                be,
+                &lw.proj[i],
+                lm[i].as_ref(),
+                lcfg,
+                &la.n2,
+                out,
+                la.lora_u[i].as_mut(),
+                &mut ws.drops,
+                m,
+                seed(p),
+            );
+        }
+        be.swiglu_forward(&la.gate, &la.up, &mut la.h);
+        let d = Proj::Down.index();
+        project(
+            be,
+            &lw.proj[d],
+            lm[d].as_ref(),
+            lcfg,
+            &la.h,
+            &mut ws.dn,
+            la.lora_u[d].as_mut(),
+            &mut ws.drops,
+            m,
+            seed(Proj::Down),
+        );
+        be.axpy(&mut x, 1.0, &ws.dn);
+    }
+    be.copy_2d(&x, &mut ws.x_final, flat(m * h));
+    std::mem::swap(&mut x, &mut ws.dx);
+    be.rmsnorm_forward(
+        &ws.x_final,
+        &model.norm,
+        &mut ws.n_final,
+        &mut ws.rstd_final,
+        m,
+        h,
+        c.rms_norm_eps as f32,
+    );
+    be.linear_forward(&ws.n_final, model.lm_head(), &mut ws.logits, m, false);
+    let targets_buf = be.upload_ids(targets);
+    Ok(be.cross_entropy(
+        &mut ws.logits,
+        &targets_buf,
+        &mut ws.row_loss,
+        c.vocab_size,
+        IGNORE_INDEX,
+        grad_scale,
+    ))
+}
+
+fn flat(len: usize) -> Copy2d {
+    Copy2d {
+        count: 1,
+        len,
+        src_offset: 0,
+        src_stride: 0,
+        dst_offset: 0,
+        dst_stride: 0,
+    }
+}
+
+/// Backward of the last [`forward`] (which must have been called with `grad_scale`):
+/// accumulates every LoRA gradient into `lora`.
+pub fn backward<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    lora: &mut Lora<B>,
+    ws: &mut Workspace<B>,
+    mode: Mode,
+) {
+    let c = &model.config;
+    let (batch, seq) = (ws.batch, ws.seq);
+    let m = batch * seq;
+    let h = c.hidden_size;
+    let lcfg = lora.config.clone();
+    // d(final norm output) = dlogits · W_lm
+    be.linear_backward_input(&ws.logits, model.lm_head(), &mut ws.dn, m, false);
+    be.rmsnorm_backward(
+        &ws.dn,
+        &ws.x_final,
+        &model.norm,
+        &ws.rstd_final,
+        &mut ws.dx,
+        m,
+        h,
+        false,
+    );
+    let attn_shape = AttnShape {
+        batch,
+        q_len: seq,
+        kv_len: seq,
+        kv_stride: seq,
+        q_heads: c.num_attention_heads,
+        kv_heads: c.num_key_value_heads,
+        head_dim: c.head_dim,
+        q_pos0: 0,
+        scale: 1.0 / (c.head_dim as f32).sqrt(),
+    };
+    for l in (0..model.layers.len()).rev() {
+        let lw = &model.layers[l];
+        let la = &ws.layers[l];
+        let lm = &mut lora.modules[l];
+        let seed = |p: Proj| mode.dropout_seed.map(|s| dropout_seed(s, l, p));
+        // MLP: x_out = x_mid + down(swiglu(gate(n2), up(n2)))
+        let d = Proj::Down.index();
+        project_backward(
+            be,
+            &lw.proj[d],
+            lm[d].as_mut(),
+            &lcfg,
+            &la.h,
+            la.lora_u[d].as_ref(),
+            &ws.dx,
+            &mut ws.dh,
+            false,
+            &mut ws.du_lora,
+            &mut ws.drops,
+            m,
+            seed(Proj::Down),
+        );
+        be.swiglu_backward(&la.gate, &la.up, &ws.dh, &mut ws.dgate, &mut ws.dup);
+        let (g, u) = (Proj::Gate.index(), Proj::Up.index());
+        project_backward(
+            be,
+            &lw.proj[g],
+            lm[g].as_mut(),
+            &lcfg,
+            &la.n2,
+            la.lora_u[g].as_ref(),
+            &ws.dgate,
+            &mut ws.dn,
+            false,
+            &mut ws.du_lora,
+            &mut ws.drops,
+            m,
+            seed(Proj::Gate),
+        );
+        project_backward(
+            be,
+            &lw.proj[u],
+            lm[u].as_mut(),
+            &lcfg,
+            &la.n2,
+            la.lora_u[u].as_ref(),
+            &ws.dup,
+            &mut ws.dn,
+            true,
+            &mut ws.du_lora,
+            &mut ws.drops,
+            m,
+            seed(Proj::Up),
+        );
+        be.rmsnorm_backward(
+            &ws.dn,
+            &la.x_mid,
+            &lw.mlp_norm,
+            &la.rstd2,
+            &mut ws.dx,
+            m,
+            h,
+            true,
+        );
+        // Attention: x_mid = x_in + o(attn(rope(q(n1)), rope(k(n1)), v(n1)))
+        let o = Proj::O.index();
+        project_backward(
+            be,
+            &lw.proj[o],
+            lm[o].as_mut(),
+            &lcfg,
+            &la.attn,
+            la.lora_u[o].as_ref(),
+            &ws.dx,
+            &mut ws.dattn,
+            false,
+            &mut ws.du_lora,
+            &mut ws.drops,
+            m,
+            seed(Proj::O),
+        );
+        be.attention_backward(
+            &la.q, &la.k, &la.v, &la.attn, &la.lse, &ws.dattn, &mut ws.dq, &mut ws.dk, &mut ws.dv,
+            attn_shape,
+        );
+        let rope = |heads| RopeShape {
+            batch,
+            seq,
+            heads,
+            head_dim: c.head_dim,
+            pos0: 0,
+        };
+        be.rope(
+            &mut ws.dq,
+            &model.rope_cos,
+            &model.rope_sin,
+            rope(c.num_attention_heads),
+            true,
+        );
+        be.rope(
+            &mut ws.dk,
+            &model.rope_cos,
+            &model.rope_sin,
+            rope(c.num_key_value_heads),
+            true,
+        );
+        let mut first = true;
+        for (p, dy) in [(Proj::Q, &ws.dq), (Proj::K, &ws.dk), (Proj::V, &ws.dv)] {
+            let i = p.index();
+            project_backward(
+                be,
+                &lw.proj[i],
+                lm[i].as_mut(),
+                &lcfg,
+                &la.n1,
+                la.lora_u[i].as_ref(),
+                dy,
+                &mut ws.dn,
+                !first,
+                &mut ws.du_lora,
+                &mut ws.drops,
+                m,
+                seed(p),
+            );
+            first = false;
+        }
+        // The embedding is frozen: layer 0's input gradient is never used.
+        if l > 0 {
+            be.rmsnorm_backward(
+                &ws.dn,
+                &la.x_in,
+                &lw.attn_norm,
+                &la.rstd1,
+                &mut ws.dx,
+                m,
+                h,
+                true,
+            );
+        }
+    }
+}
+
+/// Key/value cache for generation: `[1, capacity, kv_heads, head_dim]` per layer.
+pub struct KvCache<B: Backend> {
+    k: Vec<B::Buf>,
+    v: Vec<B::Buf>,
+    pub capacity: usize,
+    pub len: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(be: &B, c: &LlamaConfig, capacity: usize) -> Self {
+        let n = capacity * c.num_key_value_heads * c.head_dim;
+        KvCache {
+            k: (0..c.num_hidden_layers).map(|_| be.zeros(n)).collect(),
+            v: (0..c.num_hidden_layers).map(|_| be.zeros(n)).collect(),
+            capacity,
+            len: 0,
+        }
+    }
+}
+
+/// Runs `ids` (one sequence) through the model on top of the cache and returns the logits
+/// of the last position (`[vocab]`). LoRA is applied unmerged, without dropout.
+pub fn forward_cached<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    lora: Option<&Lora<B>>,
+    cache: &mut KvCache<B>,
+    ids: &[i32],
+) -> Result<Vec<f32>> {
+    let c = &model.config;
+    let t = ids.len();
+    if t == 0 {
+        bail!("nothing to run: no tokens");
+    }
+    let pos0 = cache.len;
+    if pos0 + t > cache.capacity || pos0 + t > model.rope_positions {
+        bail!(
+            "the sequence would reach {} tokens, beyond the cache ({}) or max_position_embeddings ({})",
+            pos0 + t,
+            cache.capacity,
+            model.rope_positions
+        );
+    }
+    check_ids(ids, c.vocab_size, "prompt")?;
+    let h = c.hidden_size;
+    let qd = c.num_attention_heads * c.head_dim;
+    let kvd = c.num_key_value_heads * c.head_dim;
+    let i_dim = c.intermediate_size;
+    let default_cfg;
+    let lcfg = match lora {
+        Some(l) => &l.config,
+        None => {
+            default_cfg = LoraConfig {
+                r: 1,
+                alpha: 1.0,
+                dropout: 0.0,
+                targets: vec![],
+                rslora: false,
+            };
+            &default_cfg
+        }
+    };
+    let z = |n: usize| be.zeros(n);
+    let (mut x, mut n1, mut rstd, mut q, mut k, mut v) =
+        (z(t * h), z(t * h), z(t), z(t * qd), z(t * kvd), z(t * kvd));
+    let (mut attn, mut lse, mut tmp) = (z(t * qd), z(c.num_attention_heads * t), z(t * h));
+    let (mut gate, mut up, mut hbuf) = (z(t * i_dim), z(t * i_dim), z(t * i_dim));
+    let mut u = z(t * lcfg.r);
+    let mut unused = DropBufs { pairs: Vec::new() };
+    be.embedding_forward(&model.embed, &be.upload_ids(ids), &mut x);
+    let shape = AttnShape {
+        batch: 1,
+        q_len: t,
+        kv_len: pos0 + t,
+        kv_stride: cache.capacity,
+        q_heads: c.num_attention_heads,
+        kv_heads: c.num_key_value_heads,
+        head_dim: c.head_dim,
+        q_pos0: pos0,
+        scale: 1.0 / (c.head_dim as f32).sqrt(),
+    };
+    let eps = c.rms_norm_eps as f32;
+    for (l, lw) in model.layers.iter().enumerate() {
+        let lm = lora.map(|lr| &lr.modules[l]);
+        let module = |p: Proj| lm.and_then(|m| m[p.index()].as_ref());
+        let mut run = |p: Proj, x: &B::Buf, y: &mut B::Buf, u: &mut B::Buf| {
+            let m = module(p);
+            project(
+                be,
+                &lw.proj[p.index()],
+                m,
+                lcfg,
+                x,
+                y,
+                m.map(|_| u),
+                &mut unused,
+                t,
+                None,
+            )
+        };
+        be.rmsnorm_forward(&x, &lw.attn_norm, &mut n1, &mut rstd, t, h, eps);
+        run(Proj::Q, &n1, &mut q, &mut u);
+        run(Proj::K, &n1, &mut k, &mut u);
+        run(Proj::V, &n1, &mut v, &mut u);
+        let rope = |heads| RopeShape {
+            batch: 1,
+            seq: t,
+            heads,
+            head_dim: c.head_dim,
+            pos0,
+        };
+        be.rope(
+            &mut q,
+            &model.rope_cos,
+            &model.rope_sin,
+            rope(c.num_attention_heads),
+            false,
+        );
+        be.rope(
+            &mut k,
+            &model.rope_cos,
+            &model.rope_sin,
+            rope(c.num_key_value_heads),
+            false,
+        );
+        let into_cache = Copy2d {
+            count: 1,
+            len: t * kvd,
+            src_offset: 0,
+            src_stride: 0,
+            dst_offset: pos0 * kvd,
+            dst_stride: 0,
+        };
+        be.copy_2d(&k, &mut cache.k[l], into_cache);
+        be.copy_2d(&v, &mut cache.v[l], into_cache);
+        be.attention_forward(&q, &cache.k[l], &cache.v[l], &mut attn, &mut lse, shape);
+        run(Proj::O, &attn, &mut tmp, &mut u);
+        be.axpy(&mut x, 1.0, &tmp);
+        be.rmsnorm_forward(&x, &lw.mlp_norm, &mut n1, &mut rstd, t, h, eps);
+        run(Proj::Gate, &n1, &mut gate, &mut u);
+        run(Proj::Up, &n1, &mut up, &mut u);
+        be.swiglu_forward(&gate, &up, &mut hbuf);
+        run(Proj::Down, &hbuf, &mut tmp, &mut u);
+        be.axpy(&mut x, 1.0, &tmp);
+    }
+    cache.len = pos0 + t;
+    let mut last = z(h);
+    be.copy_2d(
+        &x,
+        &mut last,
+        Copy2d {
+            count: 1,
+            len: h,
+            src_offset: (t - 1) * h,
+            src_stride: 0,
+            dst_offset: 0,
+            dst_stride: 0,
+        },
+    );
+    let mut normed = z(h);
+    let mut r1 = z(1);
+    be.rmsnorm_forward(&last, &model.norm, &mut normed, &mut r1, 1, h, eps);
+    let mut logits = z(c.vocab_size);
+    be.linear_forward(&normed, model.lm_head(), &mut logits, 1, false);
+    let mut out = vec![0.0; c.vocab_size];
+    be.download(&logits, &mut out);
+    Ok(out)
+}
+
+/// The RoPE scaling in words, for reports.
+pub fn describe_rope(s: RopeScaling) -> String {
+    match s {
+        RopeScaling::None => "default".into(),
+        RopeScaling::Linear { factor } => format!("linear x{factor}"),
+        RopeScaling::Llama3 { factor, .. } => format!("llama3 x{factor}"),
+    }
+}
