@@ -9,8 +9,9 @@
  * Conventions
  *   - Every fallible function returns a fedcdd_status: FEDCDD_OK (0) or a FEDCDD_ERR_* code.
  *     fedcdd_last_error() (or fedcdd_last_error_copy()) then says what went wrong, naming the
- *     client and the tensor where one is at fault. The message is per thread and is cleared by
- *     the next call on that thread.
+ *     client and the tensor where one is at fault. The message is per thread; the next call on
+ *     that thread clears it, except the error and version queries and the _free functions (so a
+ *     handle can be freed before the error is reported).
  *   - Lengths are size_t element counts (bytes for byte buffers); element types are explicit
  *     (FEDCDD_DTYPE_F32 / _F16 / _BF16; f16 and bf16 values are passed as their 16 bits).
  *     Tensors are row-major. Names are NUL-terminated UTF-8.
@@ -618,7 +619,7 @@ fedcdd_status fedcdd_aggregator_new(const struct fedcdd_config *config,
                                     struct fedcdd_aggregator **out);
 
 /**
- * Frees an aggregator (NULL is allowed and ignored).
+ * Frees an aggregator (NULL is allowed and ignored). Leaves the last error as it was.
  */
 void fedcdd_aggregator_free(struct fedcdd_aggregator *aggregator);
 
@@ -787,7 +788,7 @@ fedcdd_status fedcdd_encode_upload(const struct fedcdd_encode_options *options,
 fedcdd_status fedcdd_upload_parse(const uint8_t *bytes, size_t len, struct fedcdd_upload **out);
 
 /**
- * Frees an upload handle (NULL is allowed and ignored).
+ * Frees an upload handle (NULL is allowed and ignored). Leaves the last error as it was.
  */
 void fedcdd_upload_free(struct fedcdd_upload *upload);
 

@@ -128,6 +128,13 @@ pub(crate) fn guard(body: impl FnOnce() -> FfiResult<()>) -> fedcdd_status {
     }
 }
 
+/// Runs a function that cannot fail (the `free` functions) without touching the last error,
+/// so a caller can free a handle before reporting the error of an earlier call. A panic is
+/// caught and dropped.
+pub(crate) fn guard_quiet(body: impl FnOnce()) {
+    let _ = catch_unwind(AssertUnwindSafe(body));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

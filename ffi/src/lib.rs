@@ -184,15 +184,14 @@ pub unsafe extern "C" fn fedcdd_aggregator_new(
     })
 }
 
-/// Frees an aggregator (NULL is allowed and ignored).
+/// Frees an aggregator (NULL is allowed and ignored). Leaves the last error as it was.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fedcdd_aggregator_free(aggregator: *mut fedcdd_aggregator) {
-    let _ = guard(|| {
+    error::guard_quiet(|| {
         if !aggregator.is_null() {
             // SAFETY: the handle came from `fedcdd_aggregator_new` and is freed once.
             drop(unsafe { Box::from_raw(aggregator) });
         }
-        Ok(())
     });
 }
 
@@ -620,15 +619,14 @@ pub unsafe extern "C" fn fedcdd_upload_parse(
     })
 }
 
-/// Frees an upload handle (NULL is allowed and ignored).
+/// Frees an upload handle (NULL is allowed and ignored). Leaves the last error as it was.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fedcdd_upload_free(upload: *mut fedcdd_upload) {
-    let _ = guard(|| {
+    error::guard_quiet(|| {
         if !upload.is_null() {
             // SAFETY: the handle came from `fedcdd_upload_parse` and is freed once.
             drop(unsafe { Box::from_raw(upload) });
         }
-        Ok(())
     });
 }
 

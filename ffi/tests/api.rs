@@ -70,6 +70,18 @@ fn last_error_copy_cuts_and_reports_length() {
     // SAFETY: NUL-terminated by the call.
     let cut = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_str().unwrap();
     assert_eq!(cut, &err.message[..7]);
+    // Freeing a handle leaves the message for the caller to report.
+    drop(Agg::new(&config(FEDCDD_ALG_FEDAVG)));
+    let scratch = Agg::new(&config(FEDCDD_ALG_FEDAVG));
+    let err = scratch.finalize(&[]).unwrap_err();
+    drop(scratch);
+    // SAFETY: a NUL-terminated string.
+    let still = unsafe { CStr::from_ptr(fedcdd_last_error()) };
+    assert_eq!(still.to_str().unwrap(), err.message);
+    // SAFETY: NULL is allowed.
+    unsafe { fedcdd_upload_free(std::ptr::null_mut()) };
+    assert_eq!(last_error(), err.message);
+    let full = err.message.len();
     // NULL with capacity 0 only measures.
     // SAFETY: NULL with capacity 0 is allowed.
     assert_eq!(
