@@ -482,7 +482,8 @@ impl fedcdd_aggregator {
         if !round.pass2 {
             if round.by_id.contains_key(&id) {
                 return Err(order_err(format!(
-                    "{who} was already added in this round{}",
+                    "{who} was already added in this round{} (client ids must be unique \
+                     within a round)",
                     if mode == Mode::Streaming {
                         " (pass 1)"
                     } else {

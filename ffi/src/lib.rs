@@ -31,7 +31,7 @@ pub use aggregator::fedcdd_aggregator;
 pub use types::*;
 pub use upload::fedcdd_upload;
 
-use error::{FfiError, guard, null};
+use error::{FfiError, guard};
 
 // ---------------------------------------------------------------------------------------------
 // Version and errors
@@ -389,9 +389,7 @@ pub unsafe extern "C" fn fedcdd_aggregator_finalize(
                         ),
                     ));
                 }
-                if o.data.is_null() {
-                    return Err(null(&format!("{at}.data")));
-                }
+                check_buffer(o.data, o.len, dtype, &format!("{at}.data"))?;
                 resolved.push((name, dtype, o.data, o.len, at));
             }
             agg.finalize()?;

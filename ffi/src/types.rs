@@ -480,6 +480,20 @@ fn check_ptr<T>(ptr: *const T, len: usize, what: &str) -> FfiResult<()> {
     Ok(())
 }
 
+/// Checks a caller's output buffer of `len` elements of `dtype` (NULL, alignment, size)
+/// without touching it, so a bad buffer is found before any work is done.
+pub(crate) fn check_buffer(
+    data: *mut c_void,
+    len: usize,
+    dtype: DType,
+    what: &str,
+) -> FfiResult<()> {
+    match dtype {
+        DType::F32 => check_ptr(data.cast::<f32>().cast_const(), len, what),
+        DType::F16 | DType::BF16 => check_ptr(data.cast::<u16>().cast_const(), len, what),
+    }
+}
+
 /// A slice from a caller pointer and element count; NULL, misaligned or oversized is an
 /// error naming `what`.
 ///

@@ -920,11 +920,23 @@ fn null_pointers_are_errors_naming_the_argument() {
             FEDCDD_ERR_NULL_POINTER,
             &["outputs"],
         );
+        // So is a misaligned one.
+        let mut floats = vec![0.0f32; global[0].data.len() + 1];
+        let outs = [fedcdd_output {
+            data: floats.as_mut_ptr().cast::<u8>().add(2).cast(),
+            ..outs[0]
+        }];
+        expect_err(
+            check(fedcdd_aggregator_finalize(agg.0, outs.as_ptr(), 1)),
+            FEDCDD_ERR_INVALID_ARGUMENT,
+            &["outputs[0]", global[0].name(), "aligned"],
+        );
         assert_eq!(
             agg.num_clients(),
             1,
             "the round survives a rejected finalize"
         );
+        assert_eq!(agg.steps(), 0);
         let mut written = 0;
         expect_err(
             check(fedcdd_aggregator_save_state(
