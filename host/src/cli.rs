@@ -48,8 +48,12 @@ pub enum Command {
     MakeExample(crate::example::ExampleArgs),
     /// Write an HF LLaMA model directory (config, random weights, tokenizer) from a preset.
     InitModel(crate::init_model::InitModelArgs),
+    /// Write the built-in synthetic multi-domain corpus as JSONL (all domains or some).
+    GenCorpus(crate::corpus::GenCorpusArgs),
     /// One client: centralized LoRA fine-tuning; writes a PEFT adapter.
     Train(crate::cli_model::TrainArgs),
+    /// Fold a PEFT LoRA adapter into its base model and write an HF model directory.
+    Merge(crate::merge::MergeArgs),
     /// Mean token loss and perplexity, overall and per domain.
     Eval(crate::cli_model::EvalArgs),
     /// Generate text with a KV cache (greedy, temperature, top-p).
@@ -311,7 +315,14 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Aggregate(a)) => bench::run_aggregate_bench(&a),
         Command::Bench(BenchCommand::Train(a)) => crate::bench_train::run_train_bench(&a),
         Command::InitModel(a) => crate::init_model::init_model(&a),
+        Command::GenCorpus(a) => {
+            for path in crate::corpus::gen_corpus(&a)? {
+                eprintln!("wrote {}", path.display());
+            }
+            Ok(())
+        }
         Command::Train(a) => crate::cli_model::run_train(&a),
+        Command::Merge(a) => crate::merge::run_merge(&a),
         Command::Eval(a) => {
             let report = crate::cli_model::run_eval(&a)?;
             let text = if a.json {

@@ -15,3 +15,4 @@ pub mod tokenizer;
 pub mod data;
 pub mod corpus;
 pub mod init_model;
+pub mod merge;

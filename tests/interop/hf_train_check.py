@@ -5,7 +5,7 @@ losses and one SGD step computed by transformers + peft + torch (f32, CPU).
   make OUT VARIANT   write OUT/model (HF dir), OUT/adapter (PEFT, random A and B),
                      OUT/batch.json (ids/targets, -100 = ignored), OUT/ref.json (loss),
                      OUT/sgd_adapter (the adapter after one SGD step on the mean loss)
-  loss MODEL ADAPTER BATCH   print {"loss": ...} of a PEFT adapter on a batch
+  loss MODEL ADAPTER BATCH   print {"loss": ...} of a PEFT adapter (or none) on a batch
 
 Exit status 3 = torch/transformers/peft missing (the Rust test then skips)."""
 import json
@@ -89,7 +89,8 @@ def make(out, variant):
 
 def loss_of(model_dir, adapter_dir, batch_path):
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, adapter_dir)
+    if adapter_dir != "none":
+        model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
     with open(batch_path) as f:
         batch = json.load(f)

@@ -16,6 +16,7 @@ use std::process::Command;
 use cli_util::{TempDir, workspace_root};
 use fedcdd_host::adapter::load_adapter;
 use fedcdd_host::data::Batch;
+use fedcdd_host::merge::{MergeArgs, run_merge};
 use fedcdd_host::model::checkpoint::Checkpoint;
 use fedcdd_host::model::config::LlamaConfig;
 use fedcdd_host::model::llama::{self, Mode, Model, Workspace};

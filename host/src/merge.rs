@@ -1,0 +1,180 @@
+//! `fedcdd merge`: fold a PEFT LoRA adapter into its base model (`W + scale · B·A`) and write
+//! an HF model directory, streaming tensor by tensor (the base stays memory-mapped).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+
+use crate::adapter::{Tensor, load_adapter};
+use crate::init_model::DTypeArg;
+use crate::model::checkpoint::{
+    Checkpoint, TensorData, TensorToWrite, WriteOptions, decode_into, write_checkpoint,
+};
+use crate::model::config::LlamaConfig;
+use crate::model::lora::{LoraConfig, Proj, peft_names};
+
+#[derive(Args, Debug, Clone)]
+pub struct MergeArgs {
+    /// Base HF LLaMA model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// PEFT LoRA adapter directory to fold in.
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Output HF model directory (config, merged weights, tokenizer files).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Storage dtype of the merged weights (default: the base checkpoint's).
+    #[arg(long, value_enum)]
+    pub dtype: Option<DTypeArg>,
+}
+
+/// Files copied unchanged from the base directory when present.
+const COPIED: [&str; 4] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+];
+
+pub fn run_merge(a: &MergeArgs) -> Result<()> {
+    if a.out == a.model {
+        bail!("--out must differ from --model (the base is read while the merge is written)");
+    }
+    let config = LlamaConfig::load(&a.model)?;
+    let ckpt = Checkpoint::open(&a.model)?;
+    let adapter = load_adapter(&a.adapter)?;
+    let origin = a.adapter.display().to_string();
+    let lcfg = LoraConfig::from_peft_json(
+        adapter
+            .config
+            .as_ref()
+            .with_context(|| format!("{origin}: no adapter_config.json"))?,
+        &origin,
+    )?;
+    let names = ckpt.names();
+    let dtype = match a.dtype {
+        Some(d) => d.into(),
+        None => ckpt
+            .meta(&names[0])
+            .and_then(|m| m.dtype)
+            .context("the base checkpoint's first tensor has no float dtype")?,
+    };
+    let scale = lcfg.scale();
+    let mut tensors = Vec::with_capacity(names.len());
+    let mut merged = 0;
+    for name in &names {
+        let meta = ckpt
+            .meta(name)
+            .with_context(|| format!("tensor {name} vanished"))?;
+        let lora = lora_pair(&config, &lcfg, &adapter.tensors, name, &origin)?;
+        let data = match lora {
+            None => {
+                let (dt, _, bytes) = ckpt.raw(name)?;
+                TensorData::Raw { dtype: dt, bytes }
+            }
+            Some((a_mat, b_mat, fin)) => {
+                merged += 1;
+                let (dt, _, bytes) = ckpt.raw(name)?;
+                let esize = dt.size();
+                let r = lcfg.r;
+                TensorData::generate(move |start, out| {
+                    // chunks hold whole rows: out = rows start/fin .. of W + scale·B·A
+                    decode_into(dt, &bytes[start * esize..(start + out.len()) * esize], out);
+                    for (i, row) in out.chunks_mut(fin).enumerate() {
+                        let o = start / fin + i;
+                        for k in 0..r {
+                            let b = scale * b_mat[o * r + k];
+                            let a_row = &a_mat[k * fin..(k + 1) * fin];
+                            for (w, &av) in row.iter_mut().zip(a_row) {
+                                *w += b * av;
+                            }
+                        }
+                    }
+                })
+            }
+        };
+        tensors.push(TensorToWrite::new(name.clone(), meta.shape.clone(), data));
+    }
+    let expected = config.num_hidden_layers * lcfg.targets.len();
+    if merged != expected {
+        bail!("merged {merged} projections, expected {expected}: the base checkpoint lacks some");
+    }
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create {}", a.out.display()))?;
+    write_checkpoint(&a.out, tensors, WriteOptions::new(dtype))?;
+    let mut cfg_json = config.to_json();
+    cfg_json["torch_dtype"] = serde_json::json!(crate::model::checkpoint::torch_dtype_name(dtype));
+    let mut text = serde_json::to_vec_pretty(&cfg_json)?;
+    text.push(b'\n');
+    crate::adapter::write_atomic(&a.out.join("config.json"), &text)?;
+    for f in COPIED {
+        copy_if_present(&a.model.join(f), &a.out.join(f))?;
+    }
+    eprintln!(
+        "merged {merged} LoRA projections (r={}, scale {scale}) into {}",
+        lcfg.r,
+        a.out.display()
+    );
+    Ok(())
+}
+
+/// For a base tensor that the adapter targets: (A `[r, in]`, B `[out, r]`, in_features).
+fn lora_pair<'t>(
+    c: &LlamaConfig,
+    lcfg: &LoraConfig,
+    tensors: &'t [Tensor],
+    name: &str,
+    origin: &str,
+) -> Result<Option<(&'t [f32], &'t [f32], usize)>> {
+    let Some(rest) = name.strip_prefix("model.layers.") else {
+        return Ok(None);
+    };
+    let Some((layer, path)) = rest.split_once('.') else {
+        return Ok(None);
+    };
+    let Ok(layer) = layer.parse::<usize>() else {
+        return Ok(None);
+    };
+    let Some(p) = Proj::ALL
+        .into_iter()
+        .find(|p| path == format!("{}.weight", p.layer_path()))
+    else {
+        return Ok(None);
+    };
+    if !lcfg.targets(p) || layer >= c.num_hidden_layers {
+        return Ok(None);
+    }
+    let (fin, fout) = p.dims(c);
+    let (na, nb) = peft_names(layer, p);
+    let find = |n: &str, dims: [usize; 2]| -> Result<&'t [f32]> {
+        let t = tensors
+            .iter()
+            .find(|t| t.name == n)
+            .with_context(|| format!("{origin}: tensor {n} is missing"))?;
+        if t.dims != dims {
+            bail!(
+                "{origin}: tensor {n} has shape {:?}, expected {dims:?}",
+                t.dims
+            );
+        }
+        if t.data.iter().any(|v| !v.is_finite()) {
+            bail!("{origin}: tensor {n} holds a non-finite value");
+        }
+        Ok(&t.data)
+    };
+    Ok(Some((
+        find(&na, [lcfg.r, fin])?,
+        find(&nb, [fout, lcfg.r])?,
+        fin,
+    )))
+}
+
+fn copy_if_present(from: &Path, to: &Path) -> Result<()> {
+    match std::fs::read(from) {
+        Ok(bytes) => crate::adapter::write_atomic(to, &bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", from.display())),
+    }
+}
