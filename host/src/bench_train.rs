@@ -89,12 +89,20 @@ pub fn train_step_flops(c: &LlamaConfig, lora: &LoraConfig, batch: usize, seq: u
     layers * (2.0 * linear + 3.0 * lora_f + attn_fwd * 3.5) + 2.0 * lm_head
 }
 
-/// Peak resident set size of this process (VmHWM), in bytes, where the OS tells it.
-pub fn peak_rss_bytes() -> Option<u64> {
+/// A `/proc/self/status` field in bytes (`VmHWM` = peak RSS, `RssAnon` = private memory
+/// now, `RssFile` = file-backed pages now, e.g. the mapped checkpoint), where the OS tells it.
+pub fn proc_status_bytes(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status
+        .lines()
+        .find(|l| l.split(':').next() == Some(field))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// Peak resident set size of this process, in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    proc_status_bytes("VmHWM")
 }
 
 fn random_batch(vocab: usize, batch: usize, seq: usize, seed: u64) -> Batch {
@@ -177,6 +185,7 @@ pub fn run_train_bench(a: &TrainBenchArgs) -> Result<()> {
     }
     progress.finish();
     let rss = peak_rss_bytes();
+    let (anon, file) = (proc_status_bytes("RssAnon"), proc_status_bytes("RssFile"));
     eprintln!(
         "measuring this machine's f32 matmul peak ({:.1}s)",
         a.peak_seconds
@@ -209,6 +218,8 @@ pub fn run_train_bench(a: &TrainBenchArgs) -> Result<()> {
         "matmul_peak_gflops": peak_gflops,
         "fraction_of_peak": gflops / peak_gflops,
         "peak_rss_bytes": rss,
+        "rss_anon_bytes": anon,
+        "rss_file_bytes": file,
         "torch_tokens_per_second": torch,
         "speedup_vs_torch": torch.map(|t| tps_median / t),
     });
@@ -241,8 +252,16 @@ pub fn run_train_bench(a: &TrainBenchArgs) -> Result<()> {
         flops / 1e9,
         100.0 * gflops / peak_gflops
     );
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
     if let Some(rss) = rss {
-        println!("peak RSS       {:.1} MiB", rss as f64 / (1 << 20) as f64);
+        println!("peak RSS       {:.1} MiB", mib(rss));
+    }
+    if let (Some(anon), Some(file)) = (anon, file) {
+        println!(
+            "resident now   {:.1} MiB private + {:.1} MiB file-backed (the mapped checkpoint)",
+            mib(anon),
+            mib(file)
+        );
     }
     if let Some(t) = torch {
         println!(
