@@ -1360,6 +1360,31 @@ fn calls_out_of_order_are_errors() {
     let want = core_fedcdd_streaming(&FedCddConfig::default(), &global, &clients);
     assert_eq!(got, want);
 
+    // A one-pass streaming rule accepts a pass 2, which only checks the clients come again.
+    let mut fc = config(FEDCDD_ALG_FEDAVG);
+    fc.mode = FEDCDD_MODE_STREAMING;
+    let once = Agg::new(&fc);
+    once.set_global(&global).unwrap();
+    assert_eq!(once.passes(), 1);
+    let want = once.round(&clients, &global).unwrap();
+    let twice = Agg::new(&fc);
+    twice.set_global(&global).unwrap();
+    for (id, n, ts) in &clients {
+        twice.add(*id, *n, ts).unwrap();
+    }
+    twice.begin_pass2().unwrap();
+    for (id, n, ts) in &clients[..2] {
+        twice.add(*id, *n, ts).unwrap();
+    }
+    expect_err(
+        twice.finalize(&global),
+        FEDCDD_ERR_CALL_ORDER,
+        &[&clients[2].0.to_string(), "not in pass 2"],
+    );
+    let (id2, n2, ts2) = &clients[2];
+    twice.add(*id2, *n2, ts2).unwrap();
+    assert_eq!(twice.finalize(&global).unwrap(), want);
+
     // Batch mode has no pass 2; reset_round drops a round.
     let batch = Agg::new(&config(FEDCDD_ALG_FEDCDD));
     batch.set_global(&global).unwrap();
