@@ -1,88 +1,688 @@
-//! Fast ops (for now: the reference).
-use super::{CpuWeight, reference_ops as r};
-use crate::{AdamW, AttnShape, LossSum, RopeShape, Sgd};
+//! Fast ops: the reference's arithmetic in vectorisable chunks (compiled per [`Isa`] tier,
+//! see [`simd`]), spread over the caller's rayon pool (the backend runs them inside
+//! `Cpu::install`). Elementwise ops and the optimizers give the reference's bits exactly;
+//! reductions (norms, softmax, attention) differ from it by rounding only.
+mod attention;
+mod scratch;
+mod simd;
 
-#[allow(clippy::too_many_arguments)]
+pub use simd::{Isa, detected_isa, isa, set_max_isa};
+
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+
+use super::reference_ops::{self as r, AdamScalars, SgdScalars};
+use super::{CpuWeight, WeightSlice};
+use crate::{AdamW, AttnShape, LossSum, RopeShape, Sgd, dropout_keep};
+use simd::{LANES, Mode, multiversion};
+
+/// Elements per parallel task of the elementwise ops (64 KiB of f32).
+const CHUNK: usize = 1 << 14;
+
+/// Rows per parallel task when each row holds `dim` floats (about one [`CHUNK`]).
+fn rows_per_task(dim: usize) -> usize {
+    (CHUNK / dim.max(1)).max(1)
+}
+
+// ---- elementwise -------------------------------------------------------------------------
+
+multiversion! { fn axpy_chunk(y: &mut [f32], a: f32, x: &[f32]) = axpy_impl; }
+#[inline(always)]
+fn axpy_impl<M: Mode>(y: &mut [f32], a: f32, x: &[f32]) {
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
 pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    r::axpy(y, a, x)
+    assert_eq!(
+        y.len(),
+        x.len(),
+        "axpy: y has {} elements, x {}",
+        y.len(),
+        x.len()
+    );
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(y, x)| axpy_chunk(y, a, x));
 }
 
-#[allow(clippy::too_many_arguments)]
+multiversion! { fn scale_chunk(x: &mut [f32], a: f32) = scale_impl; }
+#[inline(always)]
+fn scale_impl<M: Mode>(x: &mut [f32], a: f32) {
+    for v in x.iter_mut() {
+        *v *= a;
+    }
+}
+
 pub fn scale(x: &mut [f32], a: f32) {
-    r::scale(x, a)
+    x.par_chunks_mut(CHUNK).for_each(|x| scale_chunk(x, a));
 }
 
-#[allow(clippy::too_many_arguments)]
+multiversion! { fn sum_squares_chunk(x: &[f32]) -> f64 = sum_squares_impl; }
+#[inline(always)]
+fn sum_squares_impl<M: Mode>(x: &[f32]) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            let v = c[l] as f64;
+            acc[l] += v * v;
+        }
+    }
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&v| v as f64 * v as f64)
+        .sum();
+    acc.iter().sum::<f64>() + tail
+}
+
+/// `Σ x²` in f64: per-chunk partial sums added in chunk order (the same bits for any
+/// number of threads).
 pub fn sum_squares(x: &[f32]) -> f64 {
-    r::sum_squares(x)
+    let parts: Vec<f64> = x.par_chunks(CHUNK).map(sum_squares_chunk).collect();
+    parts.iter().sum()
 }
 
-#[allow(clippy::too_many_arguments)]
+multiversion! {
+    fn dropout_forward_chunk(x: &[f32], out: &mut [f32], p: f32, seed: u64, first: u64, scale: f32)
+        = dropout_forward_impl;
+}
+#[inline(always)]
+fn dropout_forward_impl<M: Mode>(
+    x: &[f32],
+    out: &mut [f32],
+    p: f32,
+    seed: u64,
+    first: u64,
+    scale: f32,
+) {
+    for (i, (o, &v)) in out.iter_mut().zip(x).enumerate() {
+        *o = if dropout_keep(seed, first + i as u64, p) {
+            v * scale
+        } else {
+            0.0
+        };
+    }
+}
+
 pub fn dropout_forward(x: &[f32], out: &mut [f32], p: f32, seed: u64) {
-    r::dropout_forward(x, out, p, seed)
+    assert_eq!(
+        x.len(),
+        out.len(),
+        "dropout_forward: x has {} elements, out {}",
+        x.len(),
+        out.len()
+    );
+    let scale = r::dropout_scale("dropout_forward", p);
+    if p == 0.0 {
+        out.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(o, x)| o.copy_from_slice(x));
+        return;
+    }
+    out.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .enumerate()
+        .for_each(|(c, (o, x))| dropout_forward_chunk(x, o, p, seed, (c * CHUNK) as u64, scale));
 }
 
-#[allow(clippy::too_many_arguments)]
+multiversion! {
+    fn dropout_backward_chunk(dy: &[f32], dx: &mut [f32], p: f32, seed: u64, first: u64, scale: f32)
+        = dropout_backward_impl;
+}
+#[inline(always)]
+fn dropout_backward_impl<M: Mode>(
+    dy: &[f32],
+    dx: &mut [f32],
+    p: f32,
+    seed: u64,
+    first: u64,
+    scale: f32,
+) {
+    if p == 0.0 {
+        for (d, &g) in dx.iter_mut().zip(dy) {
+            *d += g;
+        }
+        return;
+    }
+    for (i, (d, &g)) in dx.iter_mut().zip(dy).enumerate() {
+        // Adding +0.0 for dropped elements leaves dx's bits as they were (x + 0 = x, and
+        // -0 + 0 is the reference's untouched -0 only when skipped, hence the select).
+        if dropout_keep(seed, first + i as u64, p) {
+            *d += g * scale;
+        }
+    }
+}
+
 pub fn dropout_backward(dy: &[f32], dx: &mut [f32], p: f32, seed: u64) {
-    r::dropout_backward(dy, dx, p, seed)
+    assert_eq!(
+        dy.len(),
+        dx.len(),
+        "dropout_backward: dy has {} elements, dx {}",
+        dy.len(),
+        dx.len()
+    );
+    let scale = r::dropout_scale("dropout_backward", p);
+    dx.par_chunks_mut(CHUNK)
+        .zip(dy.par_chunks(CHUNK))
+        .enumerate()
+        .for_each(|(c, (dx, dy))| {
+            dropout_backward_chunk(dy, dx, p, seed, (c * CHUNK) as u64, scale)
+        });
+}
+
+// ---- RMSNorm -----------------------------------------------------------------------------
+
+multiversion! {
+    fn rmsnorm_forward_rows(x: &[f32], w: &[f32], y: &mut [f32], rstd: &mut [f32], eps: f32)
+        = rmsnorm_forward_impl;
+}
+#[inline(always)]
+fn rmsnorm_forward_impl<M: Mode>(x: &[f32], w: &[f32], y: &mut [f32], rstd: &mut [f32], eps: f32) {
+    let dim = w.len();
+    for ((x, y), rs) in x
+        .chunks_exact(dim)
+        .zip(y.chunks_exact_mut(dim))
+        .zip(rstd.iter_mut())
+    {
+        let ss = simd::dot::<M>(x, x);
+        let s = 1.0 / (ss / dim as f32 + eps).sqrt();
+        *rs = s;
+        for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+            *y = w * (x * s);
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn rmsnorm_forward(x: &[f32], w: &CpuWeight, y: &mut [f32], rstd: &mut [f32], rows: usize, dim: usize, eps: f32) {
-    r::rmsnorm_forward(x, w, y, rstd, rows, dim, eps)
+pub fn rmsnorm_forward(
+    x: &[f32],
+    w: &CpuWeight,
+    y: &mut [f32],
+    rstd: &mut [f32],
+    rows: usize,
+    dim: usize,
+    eps: f32,
+) {
+    let op = "rmsnorm_forward";
+    assert_eq!(
+        x.len(),
+        rows * dim,
+        "{op}: x has {} elements, not {rows} x {dim}",
+        x.len()
+    );
+    assert_eq!(
+        y.len(),
+        rows * dim,
+        "{op}: y has {} elements, not {rows} x {dim}",
+        y.len()
+    );
+    assert_eq!(
+        rstd.len(),
+        rows,
+        "{op}: rstd has {} elements, not {rows}",
+        rstd.len()
+    );
+    let w = r::norm_weight(op, w, dim);
+    if rows == 0 || dim == 0 {
+        rstd.fill(1.0 / eps.sqrt());
+        return;
+    }
+    let rb = rows_per_task(dim);
+    y.par_chunks_mut(rb * dim)
+        .zip(x.par_chunks(rb * dim))
+        .zip(rstd.par_chunks_mut(rb))
+        .for_each(|((y, x), rs)| rmsnorm_forward_rows(x, &w, y, rs, eps));
+}
+
+multiversion! {
+    fn rmsnorm_backward_rows(
+        dy: &[f32], x: &[f32], w: &[f32], rstd: &[f32], dx: &mut [f32], accumulate: bool,
+    ) = rmsnorm_backward_impl;
+}
+#[inline(always)]
+fn rmsnorm_backward_impl<M: Mode>(
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    rstd: &[f32],
+    dx: &mut [f32],
+    accumulate: bool,
+) {
+    let dim = w.len();
+    let rows = dx
+        .chunks_exact_mut(dim)
+        .zip(dy.chunks_exact(dim))
+        .zip(x.chunks_exact(dim));
+    for (((dx, dy), x), &rs) in rows.zip(rstd) {
+        let mut acc = [0.0f32; LANES];
+        let (mut cd, mut cx, mut cw) = (
+            dy.chunks_exact(LANES),
+            x.chunks_exact(LANES),
+            w.chunks_exact(LANES),
+        );
+        for ((d, x), w) in (&mut cd).zip(&mut cx).zip(&mut cw) {
+            for l in 0..LANES {
+                acc[l] = M::fma(d[l] * w[l], x[l], acc[l]);
+            }
+        }
+        let mut tail = 0.0f32;
+        for ((d, x), w) in cd
+            .remainder()
+            .iter()
+            .zip(cx.remainder())
+            .zip(cw.remainder())
+        {
+            tail = M::fma(d * w, *x, tail);
+        }
+        let coef = (simd::hsum(&acc) + tail) * rs * rs / dim as f32;
+        if accumulate {
+            for (((o, &d), &x), &w) in dx.iter_mut().zip(dy).zip(x).zip(w) {
+                *o += rs * (w * d - x * coef);
+            }
+        } else {
+            for (((o, &d), &x), &w) in dx.iter_mut().zip(dy).zip(x).zip(w) {
+                *o = rs * (w * d - x * coef);
+            }
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn rmsnorm_backward(dy: &[f32], x: &[f32], w: &CpuWeight, rstd: &[f32], dx: &mut [f32], rows: usize, dim: usize, accumulate: bool) {
-    r::rmsnorm_backward(dy, x, w, rstd, dx, rows, dim, accumulate)
+pub fn rmsnorm_backward(
+    dy: &[f32],
+    x: &[f32],
+    w: &CpuWeight,
+    rstd: &[f32],
+    dx: &mut [f32],
+    rows: usize,
+    dim: usize,
+    accumulate: bool,
+) {
+    let op = "rmsnorm_backward";
+    for (name, len) in [("dy", dy.len()), ("x", x.len()), ("dx", dx.len())] {
+        assert_eq!(
+            len,
+            rows * dim,
+            "{op}: {name} has {len} elements, not {rows} x {dim}"
+        );
+    }
+    assert_eq!(
+        rstd.len(),
+        rows,
+        "{op}: rstd has {} elements, not {rows}",
+        rstd.len()
+    );
+    let w = r::norm_weight(op, w, dim);
+    if rows == 0 || dim == 0 {
+        return;
+    }
+    let rb = rows_per_task(dim);
+    dx.par_chunks_mut(rb * dim)
+        .zip(dy.par_chunks(rb * dim))
+        .zip(x.par_chunks(rb * dim))
+        .zip(rstd.par_chunks(rb))
+        .for_each(|(((dx, dy), x), rs)| rmsnorm_backward_rows(dy, x, &w, rs, dx, accumulate));
 }
 
-#[allow(clippy::too_many_arguments)]
+// ---- RoPE --------------------------------------------------------------------------------
+
+multiversion! {
+    fn rope_rows(x: &mut [f32], cos: &[f32], sin: &[f32], heads: usize, inverse: bool)
+        = rope_impl;
+}
+/// Rotates the heads of one token row (`x`: `[heads, d]`) by the angles of one position.
+#[inline(always)]
+fn rope_impl<M: Mode>(x: &mut [f32], cos: &[f32], sin: &[f32], heads: usize, inverse: bool) {
+    let half = cos.len();
+    for head in x.chunks_exact_mut(2 * half).take(heads) {
+        let (a, b) = head.split_at_mut(half);
+        if inverse {
+            for (((a, b), &c), &s) in a.iter_mut().zip(b.iter_mut()).zip(cos).zip(sin) {
+                let (x1, x2) = (*a, *b);
+                *a = x1 * c + x2 * s;
+                *b = x2 * c - x1 * s;
+            }
+        } else {
+            for (((a, b), &c), &s) in a.iter_mut().zip(b.iter_mut()).zip(cos).zip(sin) {
+                let (x1, x2) = (*a, *b);
+                *a = x1 * c - x2 * s;
+                *b = x2 * c + x1 * s;
+            }
+        }
+    }
+}
+
 pub fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], s: RopeShape, inverse: bool) {
-    r::rope(x, cos, sin, s, inverse)
+    let half = r::check_rope(x.len(), cos.len(), sin.len(), s);
+    let row = s.heads * s.head_dim;
+    if x.is_empty() {
+        return;
+    }
+    x.par_chunks_mut(row)
+        .enumerate()
+        .with_min_len(8)
+        .for_each(|(bt, x)| {
+            let pos = s.pos0 + bt % s.seq;
+            let (c, sn) = (
+                &cos[pos * half..(pos + 1) * half],
+                &sin[pos * half..(pos + 1) * half],
+            );
+            rope_rows(x, c, sn, s.heads, inverse)
+        });
+}
+
+// ---- attention ---------------------------------------------------------------------------
+
+pub fn attention_forward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    lse: &mut [f32],
+    s: AttnShape,
+) {
+    attention::forward(q, k, v, out, lse, s)
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], lse: &mut [f32], s: AttnShape) {
-    r::attention_forward(q, k, v, out, lse, s)
+pub fn attention_backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    s: AttnShape,
+) {
+    attention::backward(q, k, v, out, lse, dout, dq, dk, dv, s)
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn attention_backward(q: &[f32], k: &[f32], v: &[f32], out: &[f32], lse: &[f32], dout: &[f32], dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], s: AttnShape) {
-    r::attention_backward(q, k, v, out, lse, dout, dq, dk, dv, s)
+// ---- SwiGLU ------------------------------------------------------------------------------
+
+multiversion! { fn swiglu_forward_chunk(gate: &[f32], up: &[f32], out: &mut [f32]) = swiglu_forward_impl; }
+#[inline(always)]
+fn swiglu_forward_impl<M: Mode>(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = g / (1.0 + simd::exp::<M>(-g)) * u;
+    }
 }
 
-#[allow(clippy::too_many_arguments)]
 pub fn swiglu_forward(gate: &[f32], up: &[f32], out: &mut [f32]) {
-    r::swiglu_forward(gate, up, out)
+    assert!(
+        gate.len() == up.len() && up.len() == out.len(),
+        "swiglu_forward: gate {}, up {}, out {} elements",
+        gate.len(),
+        up.len(),
+        out.len()
+    );
+    out.par_chunks_mut(CHUNK)
+        .zip(gate.par_chunks(CHUNK))
+        .zip(up.par_chunks(CHUNK))
+        .for_each(|((o, g), u)| swiglu_forward_chunk(g, u, o));
 }
 
-#[allow(clippy::too_many_arguments)]
+multiversion! {
+    fn swiglu_backward_chunk(gate: &[f32], up: &[f32], dout: &[f32], dgate: &mut [f32], dup: &mut [f32])
+        = swiglu_backward_impl;
+}
+#[inline(always)]
+fn swiglu_backward_impl<M: Mode>(
+    gate: &[f32],
+    up: &[f32],
+    dout: &[f32],
+    dgate: &mut [f32],
+    dup: &mut [f32],
+) {
+    let it = dgate
+        .iter_mut()
+        .zip(dup.iter_mut())
+        .zip(gate)
+        .zip(up)
+        .zip(dout);
+    for ((((dg, du), &g), &u), &d) in it {
+        let sig = 1.0 / (1.0 + simd::exp::<M>(-g));
+        *dg = d * u * sig * (1.0 + g * (1.0 - sig));
+        *du = d * (g * sig);
+    }
+}
+
 pub fn swiglu_backward(gate: &[f32], up: &[f32], dout: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
-    r::swiglu_backward(gate, up, dout, dgate, dup)
+    let n = gate.len();
+    assert!(
+        up.len() == n && dout.len() == n && dgate.len() == n && dup.len() == n,
+        "swiglu_backward: gate {n}, up {}, dout {}, dgate {}, dup {} elements",
+        up.len(),
+        dout.len(),
+        dgate.len(),
+        dup.len()
+    );
+    dgate
+        .par_chunks_mut(CHUNK)
+        .zip(dup.par_chunks_mut(CHUNK))
+        .zip(gate.par_chunks(CHUNK))
+        .zip(up.par_chunks(CHUNK))
+        .zip(dout.par_chunks(CHUNK))
+        .for_each(|((((dg, du), g), u), d)| swiglu_backward_chunk(g, u, d, dg, du));
 }
 
-#[allow(clippy::too_many_arguments)]
+// ---- embedding and loss ------------------------------------------------------------------
+
 pub fn embedding_forward(table: &CpuWeight, ids: &[i32], out: &mut [f32]) {
-    r::embedding_forward(table, ids, out)
+    let op = "embedding_forward";
+    let dim = table.cols;
+    assert_eq!(
+        out.len(),
+        ids.len() * dim,
+        "{op}: out has {} elements, not {} x {dim}",
+        out.len(),
+        ids.len()
+    );
+    r::check_ids(op, ids, table.rows);
+    if out.is_empty() {
+        return;
+    }
+    let slice = table.slice();
+    out.par_chunks_mut(dim)
+        .zip(ids.par_iter())
+        .with_min_len(8)
+        .for_each(|(o, &id)| {
+            let row = id as usize * dim..(id as usize + 1) * dim;
+            match slice {
+                WeightSlice::F32(s) => o.copy_from_slice(&s[row]),
+                WeightSlice::F16(s) => s[row].convert_to_f32_slice(o),
+                WeightSlice::Bf16(s) => s[row].convert_to_f32_slice(o),
+            }
+        });
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Scatter-add without write conflicts: each task owns a range of table rows and adds, in
+/// token order, the tokens whose id falls in it (the reference's order, so the same bits).
 pub fn embedding_backward(ids: &[i32], dout: &[f32], dtable: &mut [f32]) {
-    r::embedding_backward(ids, dout, dtable)
+    let (vocab, dim) = r::check_embedding_backward(ids, dout.len(), dtable.len());
+    if vocab == 0 || dim == 0 {
+        return;
+    }
+    let tasks = 4 * rayon::current_num_threads();
+    let rows = vocab.div_ceil(tasks).max(1);
+    dtable
+        .par_chunks_mut(rows * dim)
+        .enumerate()
+        .for_each(|(c, block)| {
+            let (lo, hi) = (c * rows, c * rows + block.len() / dim);
+            for (t, &id) in ids.iter().enumerate() {
+                let id = id as usize;
+                if (lo..hi).contains(&id) {
+                    let o = (id - lo) * dim;
+                    axpy_impl::<simd::Plain>(
+                        &mut block[o..o + dim],
+                        1.0,
+                        &dout[t * dim..(t + 1) * dim],
+                    );
+                }
+            }
+        });
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn cross_entropy(logits: &mut [f32], targets: &[i32], row_loss: &mut [f32], vocab: usize, ignore_index: i32, grad_scale: Option<f32>) -> LossSum {
-    r::cross_entropy(logits, targets, row_loss, vocab, ignore_index, grad_scale)
+multiversion! {
+    fn cross_entropy_row(row: &mut [f32], target: usize, grad_scale: Option<f32>) -> f64
+        = cross_entropy_row_impl;
+}
+/// One row's loss (f64); with `grad_scale = g` the row becomes `g · (softmax − onehot)`.
+#[inline(always)]
+fn cross_entropy_row_impl<M: Mode>(row: &mut [f32], target: usize, grad_scale: Option<f32>) -> f64 {
+    let m = simd::max::<M>(row);
+    let x_t = row[target];
+    // Exponentials summed in f32 lanes within blocks, blocks summed in f64.
+    let mut sum = 0.0f64;
+    for block in row.chunks_mut(1024) {
+        let mut acc = [0.0f32; LANES];
+        let mut chunks = block.chunks_exact_mut(LANES);
+        if grad_scale.is_some() {
+            for c in &mut chunks {
+                for l in 0..LANES {
+                    let e = simd::exp::<M>(c[l] - m);
+                    c[l] = e;
+                    acc[l] += e;
+                }
+            }
+        } else {
+            for c in &mut chunks {
+                for l in 0..LANES {
+                    acc[l] += simd::exp::<M>(c[l] - m);
+                }
+            }
+        }
+        let mut tail = 0.0f32;
+        for x in chunks.into_remainder() {
+            let e = simd::exp::<M>(*x - m);
+            if grad_scale.is_some() {
+                *x = e;
+            }
+            tail += e;
+        }
+        sum += (simd::hsum(&acc) + tail) as f64;
+    }
+    let lse = m as f64 + sum.ln();
+    if let Some(g) = grad_scale {
+        let k = (g as f64 / sum) as f32;
+        for x in row.iter_mut() {
+            *x *= k;
+        }
+        row[target] = (g as f64 * ((x_t as f64 - lse).exp() - 1.0)) as f32;
+    }
+    lse - x_t as f64
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn adamw_step(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], hp: AdamW, step: u64) {
-    r::adamw_step(param, grad, m, v, hp, step)
+pub fn cross_entropy(
+    logits: &mut [f32],
+    targets: &[i32],
+    row_loss: &mut [f32],
+    vocab: usize,
+    ignore_index: i32,
+    grad_scale: Option<f32>,
+) -> LossSum {
+    r::check_cross_entropy(logits.len(), targets, row_loss.len(), vocab, ignore_index);
+    let count = targets.iter().filter(|&&t| t != ignore_index).count();
+    if vocab == 0 {
+        // Every target is ignore_index (check_cross_entropy): nothing counts.
+        row_loss.fill(0.0);
+        return LossSum { sum: 0.0, count };
+    }
+    let losses: Vec<f64> = logits
+        .par_chunks_mut(vocab)
+        .zip(targets.par_iter())
+        .zip(row_loss.par_iter_mut())
+        .map(|((row, &t), rl)| {
+            if t == ignore_index {
+                *rl = 0.0;
+                if grad_scale.is_some() {
+                    row.fill(0.0);
+                }
+                0.0
+            } else {
+                let loss = cross_entropy_row(row, t as usize, grad_scale);
+                *rl = loss as f32;
+                loss
+            }
+        })
+        .collect();
+    let mut sum = 0.0f64;
+    for (&l, &t) in losses.iter().zip(targets) {
+        if t != ignore_index {
+            sum += l;
+        }
+    }
+    LossSum { sum, count }
 }
 
-#[allow(clippy::too_many_arguments)]
+// ---- optimizers --------------------------------------------------------------------------
+
+multiversion! {
+    fn adamw_chunk(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: &AdamScalars)
+        = adamw_impl;
+}
+#[inline(always)]
+fn adamw_impl<M: Mode>(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: &AdamScalars) {
+    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+        k.update(p, g, m, v);
+    }
+}
+
+pub fn adamw_step(
+    param: &mut [f32],
+    grad: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    hp: AdamW,
+    step: u64,
+) {
+    r::check_optimizer("adamw_step", param.len(), grad.len(), &[m.len(), v.len()]);
+    let k = AdamScalars::new(hp, step);
+    param
+        .par_chunks_mut(CHUNK)
+        .zip(grad.par_chunks(CHUNK))
+        .zip(m.par_chunks_mut(CHUNK))
+        .zip(v.par_chunks_mut(CHUNK))
+        .for_each(|(((p, g), m), v)| adamw_chunk(p, g, m, v, &k));
+}
+
+multiversion! {
+    fn sgd_chunk(p: &mut [f32], g: &[f32], buf: &mut [f32], k: &SgdScalars) = sgd_impl;
+}
+#[inline(always)]
+fn sgd_impl<M: Mode>(p: &mut [f32], g: &[f32], buf: &mut [f32], k: &SgdScalars) {
+    if k.uses_buffer() {
+        for ((p, &g), b) in p.iter_mut().zip(g).zip(buf.iter_mut()) {
+            k.update(p, g, b);
+        }
+    } else {
+        let mut unused = 0.0;
+        for (p, &g) in p.iter_mut().zip(g) {
+            k.update(p, g, &mut unused);
+        }
+    }
+}
+
 pub fn sgd_step(param: &mut [f32], grad: &[f32], momentum_buf: &mut [f32], hp: Sgd, first: bool) {
-    r::sgd_step(param, grad, momentum_buf, hp, first)
+    let k = SgdScalars::new(hp, first);
+    if k.uses_buffer() {
+        r::check_optimizer("sgd_step", param.len(), grad.len(), &[momentum_buf.len()]);
+        param
+            .par_chunks_mut(CHUNK)
+            .zip(grad.par_chunks(CHUNK))
+            .zip(momentum_buf.par_chunks_mut(CHUNK))
+            .for_each(|((p, g), b)| sgd_chunk(p, g, b, &k));
+    } else {
+        r::check_optimizer("sgd_step", param.len(), grad.len(), &[]);
+        param
+            .par_chunks_mut(CHUNK)
+            .zip(grad.par_chunks(CHUNK))
+            .for_each(|(p, g)| sgd_chunk(p, g, &mut [], &k));
+    }
 }

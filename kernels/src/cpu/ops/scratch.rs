@@ -1,0 +1,93 @@
+//! Scratch buffers that outlive the op that used them: a few per calling thread are kept
+//! for the next call, so large temporaries (attention's padded copies) are not handed back
+//! to the OS and faulted in again on every call.
+
+use std::cell::RefCell;
+use std::ops::{Deref, DerefMut};
+
+/// Buffers kept per thread between calls (the largest ones).
+const KEEP: usize = 12;
+
+thread_local! {
+    static FREE: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A zeroed f32 buffer that returns to its thread's free list when dropped.
+pub(crate) struct Scratch(Vec<f32>);
+
+impl Scratch {
+    /// `n` zeros, in the smallest kept buffer that holds them (or a new one).
+    pub(crate) fn zeroed(n: usize) -> Self {
+        let reused = FREE.with(|free| {
+            let mut free = free.borrow_mut();
+            let best = free
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.capacity() >= n)
+                .min_by_key(|(_, b)| b.capacity())
+                .map(|(i, _)| i);
+            best.map(|i| free.swap_remove(i))
+        });
+        let mut buf = reused.unwrap_or_default();
+        buf.clear();
+        buf.resize(n, 0.0);
+        Scratch(buf)
+    }
+}
+
+impl Deref for Scratch {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.0
+    }
+}
+
+impl DerefMut for Scratch {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.0);
+        if buf.capacity() == 0 {
+            return;
+        }
+        // `try_with`: during thread teardown the list may be gone; then the buffer is freed.
+        let _ = FREE.try_with(|free| {
+            let mut free = free.borrow_mut();
+            free.push(buf);
+            if free.len() > KEEP {
+                let smallest = free
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, b)| b.capacity())
+                    .map(|(i, _)| i)
+                    .unwrap_or(0);
+                free.swap_remove(smallest);
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_come_back_zeroed_and_are_reused() {
+        let ptr = {
+            let mut a = Scratch::zeroed(1000);
+            a.fill(7.0);
+            a.as_ptr()
+        };
+        let b = Scratch::zeroed(500);
+        assert_eq!(b.len(), 500);
+        assert!(b.iter().all(|&x| x == 0.0));
+        assert_eq!(b.as_ptr(), ptr);
+        let c = Scratch::zeroed(2000);
+        assert_eq!(c.len(), 2000);
+        assert!(c.iter().all(|&x| x == 0.0));
+    }
+}
