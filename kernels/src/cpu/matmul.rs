@@ -1,28 +1,253 @@
-//! Fast matmul and LoRA ops (for now: the reference).
-use super::{CpuWeight, reference_matmul as r};
+//! Fast matmul and LoRA ops: the packed SIMD GEMM of [`super::gemm`] for the dense products,
+//! skinny kernels of [`super::lora`] for the rank-r LoRA products. Every function runs on the
+//! rayon pool it is called in (the backend's, via `Cpu::install`).
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+use super::gemm::{self, BSrc, GemmCall, gemm};
+use super::{Cpu, CpuWeight, WeightSlice, lora};
 use crate::{Gemm, LoraDims};
 
-#[allow(clippy::too_many_arguments)]
+fn weight_src(w: &CpuWeight) -> BSrc<'_> {
+    match w.slice() {
+        WeightSlice::F32(s) => BSrc::F32(s),
+        WeightSlice::F16(s) => BSrc::F16(s),
+        WeightSlice::Bf16(s) => BSrc::Bf16(s),
+    }
+}
+
+/// `y[m,n] (+)= x[m,k] · Wᵀ` with W `[n,k]` in its stored dtype (widened while packing).
 pub fn linear_forward(x: &[f32], w: &CpuWeight, y: &mut [f32], m: usize, accumulate: bool) {
-    r::linear_forward(x, w, y, m, accumulate)
+    let (n, k) = (w.rows, w.cols);
+    assert!(
+        x.len() >= m * k,
+        "linear_forward: x has {} < {m}x{k} values",
+        x.len()
+    );
+    assert!(
+        y.len() >= m * n,
+        "linear_forward: y has {} < {m}x{n} values",
+        y.len()
+    );
+    let g = GemmCall {
+        m,
+        n,
+        k,
+        alpha: 1.0,
+        beta: if accumulate { 1.0 } else { 0.0 },
+        a: x,
+        lda: k,
+        trans_a: false,
+        b: weight_src(w),
+        ldb: k,
+        trans_b: true,
+        ldc: n,
+    };
+    gemm(&g, y);
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn linear_backward_input(dy: &[f32], w: &CpuWeight, dx: &mut [f32], m: usize, accumulate: bool) {
-    r::linear_backward_input(dy, w, dx, m, accumulate)
+/// `dx[m,k] (+)= dy[m,n] · W` with W `[n,k]` in its stored dtype.
+pub fn linear_backward_input(
+    dy: &[f32],
+    w: &CpuWeight,
+    dx: &mut [f32],
+    m: usize,
+    accumulate: bool,
+) {
+    let (n, k) = (w.rows, w.cols);
+    assert!(
+        dy.len() >= m * n,
+        "linear_backward_input: dy has {} < {m}x{n} values",
+        dy.len()
+    );
+    assert!(
+        dx.len() >= m * k,
+        "linear_backward_input: dx has {} < {m}x{k} values",
+        dx.len()
+    );
+    let g = GemmCall {
+        m,
+        n: k,
+        k: n,
+        alpha: 1.0,
+        beta: if accumulate { 1.0 } else { 0.0 },
+        a: dy,
+        lda: n,
+        trans_a: false,
+        b: weight_src(w),
+        ldb: k,
+        trans_b: false,
+        ldc: k,
+    };
+    gemm(&g, dx);
 }
 
-#[allow(clippy::too_many_arguments)]
+/// `C = alpha · op(A) · op(B) + beta · C`, see [`Gemm`].
 pub fn matmul(g: Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
-    r::matmul(g, a, b, c)
+    let Gemm {
+        m,
+        n,
+        k,
+        trans_a,
+        trans_b,
+        alpha,
+        beta,
+    } = g;
+    assert!(
+        a.len() >= m * k,
+        "matmul: A has {} < {m}x{k} values",
+        a.len()
+    );
+    assert!(
+        b.len() >= k * n,
+        "matmul: B has {} < {k}x{n} values",
+        b.len()
+    );
+    assert!(
+        c.len() >= m * n,
+        "matmul: C has {} < {m}x{n} values",
+        c.len()
+    );
+    let call = GemmCall {
+        m,
+        n,
+        k,
+        alpha,
+        beta,
+        a,
+        lda: if trans_a { m } else { k },
+        trans_a,
+        b: BSrc::F32(b),
+        ldb: if trans_b { k } else { n },
+        trans_b,
+        ldc: n,
+    };
+    gemm(&call, c);
 }
 
-#[allow(clippy::too_many_arguments)]
+/// `u[m,r] = x·Aᵀ`; `y[m,n] += scale · u·Bᵀ`.
 pub fn lora_forward(x: &[f32], a: &[f32], b: &[f32], d: LoraDims, u: &mut [f32], y: &mut [f32]) {
-    r::lora_forward(x, a, b, d, u, y)
+    lora::forward(x, a, b, d, u, y)
 }
 
+/// `dB += scale · dyᵀ·u`; `du = scale · dy·B`; `dA += duᵀ·x`; `dx += du·A` when given.
 #[allow(clippy::too_many_arguments)]
-pub fn lora_backward(x: &[f32], a: &[f32], b: &[f32], u: &[f32], dy: &[f32], d: LoraDims, da: &mut [f32], db: &mut [f32], du: &mut [f32], dx: Option<&mut [f32]>) {
-    r::lora_backward(x, a, b, u, dy, d, da, db, du, dx)
+pub fn lora_backward(
+    x: &[f32],
+    a: &[f32],
+    b: &[f32],
+    u: &[f32],
+    dy: &[f32],
+    d: LoraDims,
+    da: &mut [f32],
+    db: &mut [f32],
+    du: &mut [f32],
+    dx: Option<&mut [f32]>,
+) {
+    lora::backward(x, a, b, u, dy, d, da, db, du, dx)
+}
+
+/// This machine's f32 matmul rate in GFLOP/s: the best of repeated `C = A·B` products on a
+/// 1024² square problem with the fast GEMM on `cpu`'s threads, run for about `seconds`
+/// (at least three products). It is the yardstick `fedcdd bench train` divides by.
+pub fn measure_matmul_peak(cpu: &Cpu, seconds: f64) -> f64 {
+    const N: usize = 1024;
+    let a: Vec<f32> = (0..N * N)
+        .map(|i| ((i * 7 + 3) % 17) as f32 / 17.0 - 0.5)
+        .collect();
+    let b: Vec<f32> = (0..N * N)
+        .map(|i| ((i * 5 + 1) % 13) as f32 / 13.0 - 0.5)
+        .collect();
+    let mut c = vec![0.0f32; N * N];
+    let g = Gemm {
+        m: N,
+        n: N,
+        k: N,
+        trans_a: false,
+        trans_b: false,
+        alpha: 1.0,
+        beta: 0.0,
+    };
+    let flops = 2.0 * (N * N * N) as f64;
+    let start = Instant::now();
+    let mut best = f64::INFINITY;
+    let mut runs = 0;
+    while runs < 3 || start.elapsed().as_secs_f64() < seconds {
+        let t = Instant::now();
+        cpu.install(|| matmul(g, &a, &b, &mut c));
+        best = best.min(t.elapsed().as_secs_f64());
+        runs += 1;
+    }
+    std::hint::black_box(&c);
+    flops / best / 1e9
+}
+
+/// The arithmetic peak of `cpu`'s threads in GFLOP/s: independent f32 fused multiply-adds in
+/// registers (the widest this CPU has) on every thread at once for about `seconds`. No
+/// matmul reaches it; it says how far from the hardware's limit the GEMM is.
+pub fn measure_fma_peak(cpu: &Cpu, seconds: f64) -> f64 {
+    let threads = cpu.threads();
+    // Calibrate one thread's rate, then run all threads for the given time.
+    let probe = 1_000_000u64;
+    let t = Instant::now();
+    std::hint::black_box(gemm::fma_loop(probe));
+    let per_iter = t.elapsed().as_secs_f64() / probe as f64;
+    let iters = ((seconds / per_iter.max(1e-12)) as u64).max(probe);
+    let t = Instant::now();
+    let flops: f64 = cpu.install(|| {
+        (0..threads)
+            .into_par_iter()
+            .map(|_| std::hint::black_box(gemm::fma_loop(iters)))
+            .sum()
+    });
+    flops / t.elapsed().as_secs_f64() / 1e9
+}
+
+/// The GEMM kernel set this CPU runs ("avx512f 14x32", "avx2+fma 6x16", "portable").
+pub fn gemm_kernel_name() -> &'static str {
+    gemm::isa().name
+}
+
+/// [`matmul`] with the portable kernel whatever the CPU has (tests, comparisons).
+pub fn matmul_portable(g: Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
+    let Gemm {
+        m,
+        n,
+        k,
+        trans_a,
+        trans_b,
+        alpha,
+        beta,
+    } = g;
+    assert!(
+        a.len() >= m * k,
+        "matmul: A has {} < {m}x{k} values",
+        a.len()
+    );
+    assert!(
+        b.len() >= k * n,
+        "matmul: B has {} < {k}x{n} values",
+        b.len()
+    );
+    assert!(
+        c.len() >= m * n,
+        "matmul: C has {} < {m}x{n} values",
+        c.len()
+    );
+    let call = GemmCall {
+        m,
+        n,
+        k,
+        alpha,
+        beta,
+        a,
+        lda: if trans_a { m } else { k },
+        trans_a,
+        b: BSrc::F32(b),
+        ldb: if trans_b { k } else { n },
+        trans_b,
+        ldc: n,
+    };
+    gemm::gemm_with(gemm::portable_isa(), &call, c);
 }

@@ -2,6 +2,8 @@
 //! - `reference_*`: plain loops written to be obviously right (the yardstick in tests);
 //! - `matmul`, `ops`: the fast path (SIMD, cache blocking, threads on the backend's pool).
 
+mod gemm;
+mod lora;
 pub mod matmul;
 pub mod ops;
 pub mod reference_matmul;

@@ -1,0 +1,271 @@
+//! GFLOP/s of the CPU backend's matmul and LoRA ops at the model's shapes, next to this
+//! machine's peak, for 1 and 2 threads (or `--threads 1,4,...`).
+//!
+//! ```text
+//! cargo run --release -p fedcdd-kernels --example gemm_bench [-- --large] [--dtype bf16]
+//!     [--threads 1,2] [--seconds 0.3] [--filter lm_head]
+//! ```
+//! `--large` adds TinyLlama-1.1B shapes (hidden 2048, intermediate 5632, vocab 32000, m=512).
+//! Each row runs the op repeatedly for about `--seconds` and prints the best and the median
+//! rate of those runs. `--cpu-time` times by process CPU time / threads instead of wall time
+//! (tuning on a machine others use; counts rayon's idle spinning too).
+use std::sync::Arc;
+use std::time::Instant;
+
+use fedcdd_kernels::cpu::matmul::{gemm_kernel_name, measure_fma_peak, measure_matmul_peak};
+use fedcdd_kernels::{Backend, Cpu, LoraDims, WeightDType, WeightSource};
+
+struct Opts {
+    threads: Vec<usize>,
+    large: bool,
+    dtype: WeightDType,
+    seconds: f64,
+    filter: Option<String>,
+    cpu_time: bool,
+}
+
+fn parse() -> Result<Opts, String> {
+    let mut o = Opts {
+        threads: vec![1, 2],
+        large: false,
+        dtype: WeightDType::F32,
+        seconds: 0.3,
+        filter: None,
+        cpu_time: false,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut val = || args.next().ok_or(format!("{a} needs a value"));
+        match a.as_str() {
+            "--large" => o.large = true,
+            "--threads" => {
+                o.threads = val()?
+                    .split(',')
+                    .map(|t| t.parse().map_err(|e| format!("--threads: {e}")))
+                    .collect::<Result<_, _>>()?
+            }
+            "--dtype" => {
+                o.dtype = match val()?.as_str() {
+                    "f32" => WeightDType::F32,
+                    "f16" => WeightDType::F16,
+                    "bf16" => WeightDType::Bf16,
+                    d => return Err(format!("--dtype: f32, f16 or bf16, not {d}")),
+                }
+            }
+            "--seconds" => o.seconds = val()?.parse().map_err(|e| format!("--seconds: {e}"))?,
+            "--filter" => o.filter = Some(val()?),
+            "--cpu-time" => o.cpu_time = true,
+            "--bench" => {} // passed by `cargo bench`
+            _ => return Err(format!("unknown argument {a}")),
+        }
+    }
+    Ok(o)
+}
+
+/// Deterministic values in [-0.5, 0.5).
+fn fill(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
+fn weight(n: usize, k: usize, dtype: WeightDType) -> WeightSource {
+    let v = fill(n * k, (n * 31 + k) as u64);
+    let bytes: Vec<u8> = match dtype {
+        WeightDType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        WeightDType::F16 => v
+            .iter()
+            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+            .collect(),
+        WeightDType::Bf16 => v
+            .iter()
+            .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+            .collect(),
+    };
+    WeightSource {
+        bytes: Arc::new(bytes),
+        offset: 0,
+        dtype,
+        rows: n,
+        cols: k,
+    }
+}
+
+/// Seconds of CPU time this process has used (all threads), where the OS says.
+#[cfg(target_os = "linux")]
+fn process_cpu_seconds() -> f64 {
+    #[repr(C)]
+    struct Timespec {
+        sec: i64,
+        nsec: i64,
+    }
+    unsafe extern "C" {
+        fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
+    }
+    const CLOCK_PROCESS_CPUTIME_ID: i32 = 2;
+    let mut ts = Timespec { sec: 0, nsec: 0 };
+    // SAFETY: `ts` is a valid timespec (two 64-bit fields on 64-bit Linux).
+    if unsafe { clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &mut ts) } != 0 {
+        return f64::NAN;
+    }
+    ts.sec as f64 + ts.nsec as f64 * 1e-9
+}
+#[cfg(not(target_os = "linux"))]
+fn process_cpu_seconds() -> f64 {
+    f64::NAN
+}
+
+/// Runs `f` for about `seconds` (at least 3 times after a warm-up); (best, median) seconds
+/// of wall time, or of process CPU time divided by `cpu_div` when `cpu_div > 0` (a figure
+/// other processes on a busy machine disturb less).
+fn time(seconds: f64, cpu_div: f64, mut f: impl FnMut()) -> (f64, f64) {
+    f();
+    let start = Instant::now();
+    let mut t = Vec::new();
+    while t.len() < 3 || (start.elapsed().as_secs_f64() < seconds && t.len() < 1000) {
+        let s = Instant::now();
+        let c = process_cpu_seconds();
+        f();
+        if cpu_div > 0.0 {
+            t.push((process_cpu_seconds() - c) / cpu_div);
+        } else {
+            t.push(s.elapsed().as_secs_f64());
+        }
+    }
+    t.sort_by(f64::total_cmp);
+    (t[0], t[t.len() / 2])
+}
+
+fn main() {
+    let o = match parse() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("gemm_bench: {e}");
+            std::process::exit(2);
+        }
+    };
+    println!("GEMM kernel: {}; weights {:?}", gemm_kernel_name(), o.dtype);
+    // (name, m, n, k) of `nn.Linear` weights [n, k].
+    let mut shapes: Vec<(&str, usize, usize, usize)> = vec![
+        ("tiny q/o", 2048, 256, 256),
+        ("tiny k/v", 2048, 128, 256),
+        ("tiny gate/up", 2048, 688, 256),
+        ("tiny down", 2048, 256, 688),
+        ("tiny lm_head", 2048, 2048, 256),
+    ];
+    if o.large {
+        shapes.extend([
+            ("1.1B q/o", 512, 2048, 2048),
+            ("1.1B k/v", 512, 256, 2048),
+            ("1.1B gate/up", 512, 5632, 2048),
+            ("1.1B down", 512, 2048, 5632),
+            ("1.1B lm_head", 512, 32000, 2048),
+        ]);
+    }
+    let keep = |name: &str| o.filter.as_deref().is_none_or(|f| name.contains(f));
+    for &threads in &o.threads {
+        let cpu = match Cpu::new(threads) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("gemm_bench: {e}");
+                std::process::exit(1);
+            }
+        };
+        let div = if o.cpu_time { threads as f64 } else { 0.0 };
+        let fma = measure_fma_peak(&cpu, 0.5);
+        let peak = measure_matmul_peak(&cpu, 1.0);
+        println!(
+            "\n== {threads} thread(s): FMA peak {fma:.0} GFLOP/s, GEMM 1024³ {peak:.0} GFLOP/s ({:.0}% of FMA)",
+            100.0 * peak / fma
+        );
+        println!(
+            "{:<34} {:>5} {:>6} {:>6} {:>9} {:>9} {:>6}",
+            "op", "m", "n", "k", "best GF/s", "med GF/s", "%FMA"
+        );
+        let row = |op: &str, m: usize, n: usize, k: usize, flops: f64, (best, med): (f64, f64)| {
+            println!(
+                "{op:<34} {m:>5} {n:>6} {k:>6} {:>9.1} {:>9.1} {:>5.0}%",
+                flops / best / 1e9,
+                flops / med / 1e9,
+                100.0 * flops / best / 1e9 / fma
+            );
+        };
+        for &(name, m, n, k) in &shapes {
+            if !keep(name) {
+                continue;
+            }
+            let w = match cpu.weight(&weight(n, k, o.dtype)) {
+                Ok(w) => w,
+                Err(e) => {
+                    eprintln!("gemm_bench: {e}");
+                    std::process::exit(1);
+                }
+            };
+            let flops = 2.0 * (m * n * k) as f64;
+            let x = fill(m * k, 1);
+            let dy = fill(m * n, 2);
+            let mut y = vec![0.0; m * n];
+            let mut dx = vec![0.0; m * k];
+            let t = time(o.seconds, div, || {
+                cpu.linear_forward(&x, &w, &mut y, m, false)
+            });
+            row(&format!("{name} linear_forward"), m, n, k, flops, t);
+            let t = time(o.seconds, div, || {
+                cpu.linear_backward_input(&dy, &w, &mut dx, m, true)
+            });
+            row(&format!("{name} linear_backward_input"), m, k, n, flops, t);
+        }
+        // LoRA r = 8 on the tiny preset's projections.
+        for &(name, m, n, k) in &shapes {
+            if !keep(name) || name.contains("lm_head") {
+                continue;
+            }
+            let r = 8;
+            let d = LoraDims {
+                m,
+                k,
+                n,
+                r,
+                scale: 2.0,
+            };
+            let x = fill(m * k, 3);
+            let a = fill(r * k, 4);
+            let b = fill(n * r, 5);
+            let dy = fill(m * n, 6);
+            let mut u = vec![0.0; m * r];
+            let mut y = vec![0.0; m * n];
+            let (mut da, mut db, mut du, mut dx) = (
+                vec![0.0; r * k],
+                vec![0.0; n * r],
+                vec![0.0; m * r],
+                vec![0.0; m * k],
+            );
+            let fwd = 2.0 * (m * r * (k + n)) as f64;
+            let t = time(o.seconds, div, || {
+                cpu.lora_forward(&x, &a, &b, d, &mut u, &mut y)
+            });
+            row(&format!("{name} lora_forward r8"), m, n, k, fwd, t);
+            let t = time(o.seconds, div, || {
+                cpu.lora_backward(
+                    &x,
+                    &a,
+                    &b,
+                    &u,
+                    &dy,
+                    d,
+                    &mut da,
+                    &mut db,
+                    &mut du,
+                    Some(&mut dx),
+                )
+            });
+            row(&format!("{name} lora_backward r8"), m, n, k, 2.0 * fwd, t);
+        }
+    }
+}

@@ -1,0 +1,672 @@
+//! The fast matmul and LoRA ops against the plain reference (every op, weight dtype,
+//! accumulate flag, transpose combination, alpha/beta, odd and edge-tile sizes, 1/2/3
+//! threads, misaligned weights), the reference against known answers, and the LoRA
+//! gradients against central finite differences of a scalar loss computed in f64.
+use std::sync::Arc;
+
+use fedcdd_kernels::cpu::matmul::matmul_portable;
+use fedcdd_kernels::cpu::{matmul, reference_matmul};
+use fedcdd_kernels::{Backend, Cpu, CpuWeight, Gemm, LoraDims, WeightDType, WeightSource};
+
+/// xorshift64* : deterministic values without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in [-1, 1).
+    fn f(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.f()).collect()
+    }
+}
+
+fn fast(threads: usize) -> Cpu {
+    Cpu::new(threads).expect("thread pool")
+}
+
+/// Little-endian bytes of `v` in `dtype`, placed `offset` bytes into the buffer.
+fn weight_source(
+    v: &[f32],
+    rows: usize,
+    cols: usize,
+    dtype: WeightDType,
+    offset: usize,
+) -> WeightSource {
+    let mut bytes = vec![0xAAu8; offset];
+    for &x in v {
+        match dtype {
+            WeightDType::F32 => bytes.extend_from_slice(&x.to_le_bytes()),
+            WeightDType::F16 => bytes.extend_from_slice(&half::f16::from_f32(x).to_le_bytes()),
+            WeightDType::Bf16 => bytes.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes()),
+        }
+    }
+    bytes.extend_from_slice(&[0x55; 3]);
+    WeightSource {
+        bytes: Arc::new(bytes),
+        offset,
+        dtype,
+        rows,
+        cols,
+    }
+}
+
+/// The weight in `dtype`, read in place (offset 0 of a Vec is aligned for every dtype).
+fn weight(rng: &mut Rng, rows: usize, cols: usize, dtype: WeightDType) -> CpuWeight {
+    let v = rng.vec(rows * cols);
+    CpuWeight::new(&weight_source(&v, rows, cols, dtype, 0)).expect("weight")
+}
+
+/// `|got − want| ≤ 1e-5 · (1 + |want|) · sqrt(k)` for every element.
+#[track_caller]
+fn assert_close(what: &str, got: &[f32], want: &[f32], k: usize) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let tol = 1e-5 * (k.max(1) as f32).sqrt();
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= tol * (1.0 + w.abs()),
+            "{what}: element {i}: fast {g} vs reference {w} (tolerance {})",
+            tol * (1.0 + w.abs())
+        );
+    }
+}
+
+const DTYPES: [WeightDType; 3] = [WeightDType::F32, WeightDType::F16, WeightDType::Bf16];
+
+/// (m, n, k): ones, odd sizes, edge tiles of the 14×32 (and 6×16, 4×16) microkernels, more
+/// than one k block (k > 384) and more than one column block of packed B (n·k > 256 Ki).
+const SHAPES: [(usize, usize, usize); 12] = [
+    (1, 1, 1),
+    (1, 3, 17),
+    (3, 17, 33),
+    (17, 33, 3),
+    (14, 32, 8),
+    (15, 33, 100),
+    (29, 100, 17),
+    (33, 1, 64),
+    (100, 65, 31),
+    (5, 513, 7),
+    (31, 47, 777),
+    (20, 800, 400),
+];
+
+#[test]
+fn reference_known_answers() {
+    // W = [[1, 2, 3], [4, 5, 6]] (n = 2, k = 3), x = [[1, 0, -1], [2, 1, 0]] (m = 2).
+    let w = CpuWeight::new(&WeightSource::from_f32(vec![1., 2., 3., 4., 5., 6.], 2, 3)).unwrap();
+    let x = [1., 0., -1., 2., 1., 0.];
+    let mut y = [10.0f32; 4];
+    reference_matmul::linear_forward(&x, &w, &mut y, 2, false);
+    assert_eq!(y, [-2., -2., 4., 13.]);
+    reference_matmul::linear_forward(&x, &w, &mut y, 2, true);
+    assert_eq!(y, [-4., -4., 8., 26.]);
+    let dy = [1., -1., 0., 2.];
+    let mut dx = [0.0f32; 6];
+    reference_matmul::linear_backward_input(&dy, &w, &mut dx, 2, false);
+    assert_eq!(dx, [-3., -3., -3., 8., 10., 12.]);
+    // C = 2·Aᵀ·B − C with A [k=2, m=1] transposed, B [2, 2].
+    let g = Gemm {
+        m: 1,
+        n: 2,
+        k: 2,
+        trans_a: true,
+        trans_b: false,
+        alpha: 2.0,
+        beta: -1.0,
+    };
+    let mut c = [1.0f32, 1.0];
+    reference_matmul::matmul(g, &[1., 2.], &[1., 2., 3., 4.], &mut c);
+    assert_eq!(c, [13., 19.]);
+    // LoRA with r = 1: A = [1, 1, 1], B = [[2], [3]], scale 0.5.
+    let d = LoraDims {
+        m: 2,
+        k: 3,
+        n: 2,
+        r: 1,
+        scale: 0.5,
+    };
+    let (a, b) = ([1., 1., 1.], [2., 3.]);
+    let (mut u, mut y) = ([0.0f32; 2], [1.0f32; 4]);
+    reference_matmul::lora_forward(&x, &a, &b, d, &mut u, &mut y);
+    assert_eq!(u, [0., 3.]);
+    assert_eq!(y, [1., 1., 4., 5.5]);
+    let (mut da, mut db, mut du, mut dx) = ([0.0f32; 3], [0.0f32; 2], [0.0f32; 2], [0.0f32; 6]);
+    reference_matmul::lora_backward(
+        &x,
+        &a,
+        &b,
+        &u,
+        &dy,
+        d,
+        &mut da,
+        &mut db,
+        &mut du,
+        Some(&mut dx),
+    );
+    // dB = 0.5·dyᵀ·u = [0.5·(1·0 + 0·3), 0.5·(−1·0 + 2·3)]; du = 0.5·dy·B = [−0.5, 3].
+    assert_eq!(db, [0., 3.]);
+    assert_eq!(du, [-0.5, 3.]);
+    assert_eq!(da, [5.5, 3., 0.5]);
+    assert_eq!(dx, [-0.5, -0.5, -0.5, 3., 3., 3.]);
+}
+
+#[test]
+fn linear_forward_matches_reference() {
+    let reference = Cpu::reference();
+    let cpus = [fast(1), fast(2)];
+    let mut rng = Rng::new(1);
+    for (si, &(m, n, k)) in SHAPES.iter().enumerate() {
+        for dtype in DTYPES {
+            let w = weight(&mut rng, n, k, dtype);
+            let x = rng.vec(m * k);
+            let y0 = rng.vec(m * n);
+            for accumulate in [false, true] {
+                let mut want = y0.clone();
+                reference.linear_forward(&x, &w, &mut want, m, accumulate);
+                for cpu in &cpus {
+                    let mut got = if accumulate {
+                        y0.clone()
+                    } else {
+                        vec![f32::NAN; m * n]
+                    };
+                    cpu.linear_forward(&x, &w, &mut got, m, accumulate);
+                    let what = format!(
+                        "shape {si} {m}x{n}x{k} {dtype:?} acc={accumulate} {}",
+                        cpu.name()
+                    );
+                    assert_close(&what, &got, &want, k);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn linear_backward_input_matches_reference() {
+    let reference = Cpu::reference();
+    let cpus = [fast(1), fast(2)];
+    let mut rng = Rng::new(2);
+    for (si, &(m, n, k)) in SHAPES.iter().enumerate() {
+        for dtype in DTYPES {
+            let w = weight(&mut rng, n, k, dtype);
+            let dy = rng.vec(m * n);
+            let dx0 = rng.vec(m * k);
+            for accumulate in [false, true] {
+                let mut want = dx0.clone();
+                reference.linear_backward_input(&dy, &w, &mut want, m, accumulate);
+                for cpu in &cpus {
+                    let mut got = if accumulate {
+                        dx0.clone()
+                    } else {
+                        vec![f32::NAN; m * k]
+                    };
+                    cpu.linear_backward_input(&dy, &w, &mut got, m, accumulate);
+                    let what = format!(
+                        "shape {si} {m}x{n}x{k} {dtype:?} acc={accumulate} {}",
+                        cpu.name()
+                    );
+                    assert_close(&what, &got, &want, n);
+                }
+            }
+        }
+    }
+}
+
+/// (alpha, beta) pairs: plain, scaled with a C term, accumulate, and beta = 0 with NaN in C.
+const ALPHA_BETA: [(f32, f32); 4] = [(1.0, 0.0), (-0.5, 0.25), (2.0, 1.0), (0.75, 0.0)];
+
+/// A matmul under test: `(g, a, b, c)`.
+type MatmulFn<'a> = &'a dyn Fn(Gemm, &[f32], &[f32], &mut [f32]);
+
+fn check_matmul(name: &str, run: MatmulFn<'_>) {
+    let mut rng = Rng::new(3);
+    for (si, &(m, n, k)) in SHAPES.iter().enumerate() {
+        for trans_a in [false, true] {
+            for trans_b in [false, true] {
+                let a = rng.vec(m * k);
+                let b = rng.vec(k * n);
+                for (alpha, beta) in ALPHA_BETA {
+                    let g = Gemm {
+                        m,
+                        n,
+                        k,
+                        trans_a,
+                        trans_b,
+                        alpha,
+                        beta,
+                    };
+                    let c0: Vec<f32> = if beta == 0.0 {
+                        vec![f32::NAN; m * n]
+                    } else {
+                        rng.vec(m * n)
+                    };
+                    let mut want = c0.clone();
+                    reference_matmul::matmul(g, &a, &b, &mut want);
+                    assert!(
+                        want.iter().all(|v| v.is_finite()),
+                        "reference left NaN in C"
+                    );
+                    let mut got = c0.clone();
+                    run(g, &a, &b, &mut got);
+                    let what = format!("{name}: shape {si} {g:?}");
+                    assert_close(&what, &got, &want, k);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_matches_reference() {
+    for threads in [1, 2] {
+        let cpu = fast(threads);
+        check_matmul(&cpu.name(), &|g, a, b, c| {
+            let (a, b, mut cv) = (a.to_vec(), b.to_vec(), c.to_vec());
+            cpu.matmul(g, &a, &b, &mut cv);
+            c.copy_from_slice(&cv);
+        });
+    }
+}
+
+#[test]
+fn portable_kernel_matches_reference() {
+    let cpu = fast(2);
+    check_matmul("portable kernel", &|g, a, b, c| {
+        cpu.install(|| matmul_portable(g, a, b, c))
+    });
+}
+
+#[test]
+fn matmul_with_empty_k_scales_c() {
+    let cpu = fast(2);
+    let g = Gemm {
+        m: 3,
+        n: 2,
+        k: 0,
+        trans_a: false,
+        trans_b: true,
+        alpha: 1.0,
+        beta: 0.5,
+    };
+    let mut c = vec![2.0f32; 6];
+    cpu.matmul(g, &vec![], &vec![], &mut c);
+    assert_eq!(c, [1.0; 6]);
+    let mut c = vec![f32::NAN; 6];
+    cpu.matmul(Gemm { beta: 0.0, ..g }, &vec![], &vec![], &mut c);
+    assert_eq!(c, [0.0; 6]);
+    // m = 0 touches nothing.
+    let mut c = vec![7.0f32; 2];
+    cpu.matmul(Gemm { m: 0, k: 4, ..g }, &vec![], &vec![1.0; 8], &mut c);
+    assert_eq!(c, [7.0; 2]);
+}
+
+#[test]
+fn results_do_not_depend_on_thread_count() {
+    let mut rng = Rng::new(4);
+    let cpus = [fast(1), fast(2), fast(3)];
+    // Shapes whose row blocks and panel groups split differently for 1, 2 and 3 threads.
+    for &(m, n, k) in &[(300, 200, 500), (40, 900, 64), (2048, 96, 40)] {
+        let w = weight(&mut rng, n, k, WeightDType::Bf16);
+        let x = rng.vec(m * k);
+        let outs: Vec<Vec<f32>> = cpus
+            .iter()
+            .map(|cpu| {
+                let mut y = vec![0.0; m * n];
+                cpu.linear_forward(&x, &w, &mut y, m, false);
+                y
+            })
+            .collect();
+        assert!(
+            outs[0] == outs[1] && outs[0] == outs[2],
+            "{m}x{n}x{k}: bits differ"
+        );
+        let d = LoraDims {
+            m,
+            k,
+            n,
+            r: 8,
+            scale: 2.0,
+        };
+        let (a, b, dy) = (rng.vec(8 * k), rng.vec(n * 8), rng.vec(m * n));
+        let grads: Vec<Vec<f32>> = cpus
+            .iter()
+            .map(|cpu| {
+                let (mut u, mut y) = (vec![0.0; m * 8], vec![0.0; m * n]);
+                cpu.lora_forward(&x, &a, &b, d, &mut u, &mut y);
+                let (mut da, mut db, mut du, mut dx) = (
+                    vec![0.0; 8 * k],
+                    vec![0.0; n * 8],
+                    vec![0.0; m * 8],
+                    vec![0.0; m * k],
+                );
+                cpu.lora_backward(
+                    &x,
+                    &a,
+                    &b,
+                    &u,
+                    &dy,
+                    d,
+                    &mut da,
+                    &mut db,
+                    &mut du,
+                    Some(&mut dx),
+                );
+                [u, y, da, db, du, dx].concat()
+            })
+            .collect();
+        assert!(
+            grads[0] == grads[1] && grads[0] == grads[2],
+            "LoRA {m}x{n}x{k}: bits differ"
+        );
+    }
+}
+
+#[test]
+fn misaligned_weights_are_copied_and_give_the_same_result() {
+    let mut rng = Rng::new(5);
+    let cpu = fast(2);
+    let (m, n, k) = (37, 45, 70);
+    for dtype in DTYPES {
+        let v = rng.vec(n * k);
+        let aligned = CpuWeight::new(&weight_source(&v, n, k, dtype, 0)).unwrap();
+        // One byte in: misaligned for u16 and f32 alike.
+        let odd = CpuWeight::new(&weight_source(&v, n, k, dtype, 1)).unwrap();
+        // Two bytes in: aligned for f16/bf16 (read in place), not for f32 (copied).
+        let two = CpuWeight::new(&weight_source(&v, n, k, dtype, 2)).unwrap();
+        assert!(aligned.is_zero_copy() && !odd.is_zero_copy());
+        assert_eq!(two.is_zero_copy(), dtype != WeightDType::F32);
+        let x = rng.vec(m * k);
+        let dy = rng.vec(m * n);
+        let run = |w: &CpuWeight| {
+            let mut y = vec![0.0; m * n];
+            cpu.linear_forward(&x, w, &mut y, m, false);
+            let mut dx = vec![0.0; m * k];
+            cpu.linear_backward_input(&dy, w, &mut dx, m, false);
+            (y, dx)
+        };
+        let want = run(&aligned);
+        assert!(run(&odd) == want, "{dtype:?}: odd offset differs");
+        assert!(run(&two) == want, "{dtype:?}: offset 2 differs");
+        let mut y = vec![0.0; m * n];
+        Cpu::reference().linear_forward(&x, &odd, &mut y, m, false);
+        assert_close(
+            &format!("{dtype:?} misaligned vs reference"),
+            &want.0,
+            &y,
+            k,
+        );
+    }
+}
+
+/// (m, k, n, r): single rows, ranks below, at and above the rank group of 8, several row
+/// blocks (m > 64), lengths that are not multiples of the vector width.
+const LORA_SHAPES: [(usize, usize, usize, usize); 8] = [
+    (1, 1, 1, 1),
+    (1, 17, 5, 8),
+    (3, 33, 17, 3),
+    (7, 16, 32, 8),
+    (65, 40, 23, 11),
+    (150, 64, 48, 16),
+    (200, 77, 131, 8),
+    (33, 256, 100, 20),
+];
+
+#[test]
+fn lora_forward_matches_reference() {
+    let mut rng = Rng::new(6);
+    let cpus = [fast(1), fast(2)];
+    for &(m, k, n, r) in &LORA_SHAPES {
+        let d = LoraDims {
+            m,
+            k,
+            n,
+            r,
+            scale: 1.7,
+        };
+        let (x, a, b, y0) = (
+            rng.vec(m * k),
+            rng.vec(r * k),
+            rng.vec(n * r),
+            rng.vec(m * n),
+        );
+        let (mut wu, mut wy) = (vec![0.0; m * r], y0.clone());
+        reference_matmul::lora_forward(&x, &a, &b, d, &mut wu, &mut wy);
+        for cpu in &cpus {
+            let (mut u, mut y) = (vec![f32::NAN; m * r], y0.clone());
+            cpu.lora_forward(&x, &a, &b, d, &mut u, &mut y);
+            assert_close(&format!("u {d:?} {}", cpu.name()), &u, &wu, k);
+            assert_close(&format!("y {d:?} {}", cpu.name()), &y, &wy, k * r);
+        }
+    }
+}
+
+#[test]
+fn lora_backward_matches_reference() {
+    let mut rng = Rng::new(7);
+    let cpus = [fast(1), fast(2)];
+    for &(m, k, n, r) in &LORA_SHAPES {
+        let d = LoraDims {
+            m,
+            k,
+            n,
+            r,
+            scale: 0.6,
+        };
+        let (x, a, b, u, dy) = (
+            rng.vec(m * k),
+            rng.vec(r * k),
+            rng.vec(n * r),
+            rng.vec(m * r),
+            rng.vec(m * n),
+        );
+        let (da0, db0, dx0) = (rng.vec(r * k), rng.vec(n * r), rng.vec(m * k));
+        let (mut wda, mut wdb, mut wdu, mut wdx) =
+            (da0.clone(), db0.clone(), vec![0.0; m * r], dx0.clone());
+        reference_matmul::lora_backward(
+            &x,
+            &a,
+            &b,
+            &u,
+            &dy,
+            d,
+            &mut wda,
+            &mut wdb,
+            &mut wdu,
+            Some(&mut wdx),
+        );
+        for cpu in &cpus {
+            for with_dx in [true, false] {
+                let (mut da, mut db, mut du, mut dx) =
+                    (da0.clone(), db0.clone(), vec![f32::NAN; m * r], dx0.clone());
+                let dxo = if with_dx { Some(&mut dx) } else { None };
+                cpu.lora_backward(&x, &a, &b, &u, &dy, d, &mut da, &mut db, &mut du, dxo);
+                let what = |t: &str| format!("{t} {d:?} dx={with_dx} {}", cpu.name());
+                assert_close(&what("dB"), &db, &wdb, m);
+                assert_close(&what("du"), &du, &wdu, n);
+                assert_close(&what("dA"), &da, &wda, m * n);
+                if with_dx {
+                    assert_close(&what("dx"), &dx, &wdx, n * r);
+                } else {
+                    assert!(dx == dx0, "{}: dx changed although not given", what(""));
+                }
+            }
+        }
+    }
+}
+
+/// `L = Σ_ij R_ij · y_ij` with `y = x·W0ᵀ + s·(x·Aᵀ)·Bᵀ`, all in f64.
+#[allow(clippy::too_many_arguments)]
+fn loss_f64(x: &[f64], w0: &[f64], a: &[f64], b: &[f64], r_mat: &[f64], d: LoraDims) -> f64 {
+    let LoraDims { m, k, n, r, scale } = d;
+    let mut total = 0.0;
+    for i in 0..m {
+        let u: Vec<f64> = (0..r)
+            .map(|q| (0..k).map(|p| x[i * k + p] * a[q * k + p]).sum())
+            .collect();
+        for j in 0..n {
+            let base: f64 = (0..k).map(|p| x[i * k + p] * w0[j * k + p]).sum();
+            let lora: f64 = (0..r).map(|q| u[q] * b[j * r + q]).sum();
+            total += r_mat[i * n + j] * (base + scale as f64 * lora);
+        }
+    }
+    total
+}
+
+#[test]
+fn lora_gradients_match_finite_differences() {
+    let mut rng = Rng::new(8);
+    let (m, k, n, r) = (9, 13, 11, 3);
+    let d = LoraDims {
+        m,
+        k,
+        n,
+        r,
+        scale: 1.25,
+    };
+    let (x, w0, a, b, rm) = (
+        rng.vec(m * k),
+        rng.vec(n * k),
+        rng.vec(r * k),
+        rng.vec(n * r),
+        rng.vec(m * n),
+    );
+    let f64s = |v: &[f32]| v.iter().map(|&t| t as f64).collect::<Vec<f64>>();
+    let (xd, w0d, ad, bd, rd) = (f64s(&x), f64s(&w0), f64s(&a), f64s(&b), f64s(&rm));
+    // Central differences in f64 (L is bilinear, so they are exact up to rounding).
+    let h = 1e-3;
+    let fd = |which: usize, idx: usize| {
+        let mut p = [xd.clone(), ad.clone(), bd.clone()];
+        p[which][idx] += h;
+        let up = loss_f64(&p[0], &w0d, &p[1], &p[2], &rd, d);
+        p[which][idx] -= 2.0 * h;
+        let down = loss_f64(&p[0], &w0d, &p[1], &p[2], &rd, d);
+        (up - down) / (2.0 * h)
+    };
+    let w = CpuWeight::new(&WeightSource::from_f32(w0.clone(), n, k)).unwrap();
+    for cpu in [Cpu::reference(), fast(1), fast(2)] {
+        // dy = ∂L/∂y = R; the base layer adds its input gradient dy·W0 to dx.
+        let (mut u, mut y) = (vec![0.0; m * r], vec![0.0; m * n]);
+        cpu.linear_forward(&x, &w, &mut y, m, false);
+        cpu.lora_forward(&x, &a, &b, d, &mut u, &mut y);
+        let (mut da, mut db, mut du, mut dx) = (
+            vec![0.0; r * k],
+            vec![0.0; n * r],
+            vec![0.0; m * r],
+            vec![0.0; m * k],
+        );
+        cpu.linear_backward_input(&rm, &w, &mut dx, m, false);
+        cpu.lora_backward(
+            &x,
+            &a,
+            &b,
+            &u,
+            &rm,
+            d,
+            &mut da,
+            &mut db,
+            &mut du,
+            Some(&mut dx),
+        );
+        for (which, name, grad) in [(0, "dx", &dx), (1, "dA", &da), (2, "dB", &db)] {
+            for (idx, &g) in grad.iter().enumerate() {
+                let want = fd(which, idx);
+                assert!(
+                    (g as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                    "{} {name}[{idx}]: {g} vs finite difference {want}",
+                    cpu.name()
+                );
+            }
+        }
+        // The loss itself: Σ R ⊙ y.
+        let l: f64 = y.iter().zip(&rm).map(|(&a, &b)| a as f64 * b as f64).sum();
+        let want = loss_f64(&xd, &w0d, &ad, &bd, &rd, d);
+        assert!(
+            (l - want).abs() <= 1e-4 * (1.0 + want.abs()),
+            "{}: loss {l} vs {want}",
+            cpu.name()
+        );
+    }
+}
+
+#[test]
+#[should_panic(expected = "linear_forward")]
+fn fast_linear_forward_rejects_short_output() {
+    let w = CpuWeight::new(&WeightSource::from_f32(vec![0.0; 6], 2, 3)).unwrap();
+    fast(2).linear_forward(&vec![0.0; 6], &w, &mut vec![0.0; 3], 2, false);
+}
+
+#[test]
+#[should_panic(expected = "linear_backward_input")]
+fn reference_linear_backward_input_rejects_short_input() {
+    let w = CpuWeight::new(&WeightSource::from_f32(vec![0.0; 6], 2, 3)).unwrap();
+    Cpu::reference().linear_backward_input(&vec![0.0; 3], &w, &mut vec![0.0; 6], 2, false);
+}
+
+#[test]
+#[should_panic(expected = "matmul")]
+fn fast_matmul_rejects_short_b() {
+    let g = Gemm {
+        m: 2,
+        n: 2,
+        k: 2,
+        trans_a: false,
+        trans_b: false,
+        alpha: 1.0,
+        beta: 0.0,
+    };
+    matmul::matmul(g, &[0.0; 4], &[0.0; 3], &mut [0.0; 4]);
+}
+
+#[test]
+#[should_panic(expected = "lora_backward")]
+fn fast_lora_backward_rejects_short_gradient() {
+    let d = LoraDims {
+        m: 2,
+        k: 3,
+        n: 2,
+        r: 2,
+        scale: 1.0,
+    };
+    let cpu = fast(2);
+    let (x, a, b, u, dy) = (
+        vec![0.0; 6],
+        vec![0.0; 6],
+        vec![0.0; 4],
+        vec![0.0; 4],
+        vec![0.0; 4],
+    );
+    let (mut da, mut db, mut du) = (vec![0.0; 5], vec![0.0; 4], vec![0.0; 4]);
+    cpu.lora_backward(&x, &a, &b, &u, &dy, d, &mut da, &mut db, &mut du, None);
+}
+
+#[test]
+#[should_panic(expected = "lora_forward")]
+fn reference_lora_forward_rejects_short_a() {
+    let d = LoraDims {
+        m: 2,
+        k: 3,
+        n: 2,
+        r: 2,
+        scale: 1.0,
+    };
+    let (mut u, mut y) = (vec![0.0; 4], vec![0.0; 4]);
+    reference_matmul::lora_forward(&[0.0; 6], &[0.0; 5], &[0.0; 4], d, &mut u, &mut y);
+}
+
+#[test]
+fn peak_measures_are_positive() {
+    let cpu = fast(1);
+    let peak = matmul::measure_matmul_peak(&cpu, 0.05);
+    let fma = matmul::measure_fma_peak(&cpu, 0.05);
+    assert!(peak.is_finite() && peak > 0.1, "matmul peak {peak}");
+    assert!(fma.is_finite() && fma > 0.1, "fma peak {fma}");
+}
