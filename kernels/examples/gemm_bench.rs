@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use fedcdd_kernels::cpu::matmul::{gemm_kernel_name, measure_fma_peak, measure_matmul_peak};
+use fedcdd_kernels::cpu::matmul::{Simd, measure_fma_peak, measure_matmul_peak};
 use fedcdd_kernels::{Backend, Cpu, LoraDims, WeightDType, WeightSource};
 
 struct Opts {
@@ -150,7 +150,11 @@ fn main() {
             std::process::exit(2);
         }
     };
-    println!("GEMM kernel: {}; weights {:?}", gemm_kernel_name(), o.dtype);
+    println!(
+        "GEMM kernel: {}; weights {:?}",
+        Simd::detect().name(),
+        o.dtype
+    );
     // (name, m, n, k) of `nn.Linear` weights [n, k].
     let mut shapes: Vec<(&str, usize, usize, usize)> = vec![
         ("tiny q/o", 2048, 256, 256),

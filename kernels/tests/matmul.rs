@@ -1,10 +1,10 @@
-//! The fast matmul and LoRA ops against the plain reference (every op, weight dtype,
-//! accumulate flag, transpose combination, alpha/beta, odd and edge-tile sizes, 1/2/3
-//! threads, misaligned weights), the reference against known answers, and the LoRA
-//! gradients against central finite differences of a scalar loss computed in f64.
+//! The fast matmul and LoRA ops against the plain reference (every op, instruction set the
+//! CPU has, weight dtype, accumulate flag, transpose combination, alpha/beta, odd and
+//! edge-tile sizes, 1/2/3 threads, misaligned weights), the reference against known answers,
+//! and the LoRA gradients against central finite differences of a scalar loss in f64.
 use std::sync::Arc;
 
-use fedcdd_kernels::cpu::matmul::matmul_portable;
+use fedcdd_kernels::cpu::matmul::Simd;
 use fedcdd_kernels::cpu::{matmul, reference_matmul};
 use fedcdd_kernels::{Backend, Cpu, CpuWeight, Gemm, LoraDims, WeightDType, WeightSource};
 
@@ -32,6 +32,22 @@ impl Rng {
 
 fn fast(threads: usize) -> Cpu {
     Cpu::new(threads).expect("thread pool")
+}
+
+/// Every fast configuration: each instruction set this CPU has, on 1 and on 2 threads.
+fn engines() -> Vec<(Cpu, Simd)> {
+    let mut out = Vec::new();
+    for simd in [Simd::Avx512, Simd::Avx2, Simd::Portable] {
+        if simd.available() {
+            out.push((fast(1), simd));
+            out.push((fast(2), simd));
+        }
+    }
+    out
+}
+
+fn label(cpu: &Cpu, simd: Simd) -> String {
+    format!("{} {}", simd.name(), cpu.name())
 }
 
 /// Little-endian bytes of `v` in `dtype`, placed `offset` bytes into the buffer.
@@ -162,7 +178,7 @@ fn reference_known_answers() {
 #[test]
 fn linear_forward_matches_reference() {
     let reference = Cpu::reference();
-    let cpus = [fast(1), fast(2)];
+    let engines = engines();
     let mut rng = Rng::new(1);
     for (si, &(m, n, k)) in SHAPES.iter().enumerate() {
         for dtype in DTYPES {
@@ -172,16 +188,18 @@ fn linear_forward_matches_reference() {
             for accumulate in [false, true] {
                 let mut want = y0.clone();
                 reference.linear_forward(&x, &w, &mut want, m, accumulate);
-                for cpu in &cpus {
+                for (cpu, simd) in &engines {
                     let mut got = if accumulate {
                         y0.clone()
                     } else {
                         vec![f32::NAN; m * n]
                     };
-                    cpu.linear_forward(&x, &w, &mut got, m, accumulate);
+                    cpu.install(|| {
+                        matmul::linear_forward_with(*simd, &x, &w, &mut got, m, accumulate)
+                    });
                     let what = format!(
                         "shape {si} {m}x{n}x{k} {dtype:?} acc={accumulate} {}",
-                        cpu.name()
+                        label(cpu, *simd)
                     );
                     assert_close(&what, &got, &want, k);
                 }
@@ -193,7 +211,7 @@ fn linear_forward_matches_reference() {
 #[test]
 fn linear_backward_input_matches_reference() {
     let reference = Cpu::reference();
-    let cpus = [fast(1), fast(2)];
+    let engines = engines();
     let mut rng = Rng::new(2);
     for (si, &(m, n, k)) in SHAPES.iter().enumerate() {
         for dtype in DTYPES {
@@ -203,16 +221,18 @@ fn linear_backward_input_matches_reference() {
             for accumulate in [false, true] {
                 let mut want = dx0.clone();
                 reference.linear_backward_input(&dy, &w, &mut want, m, accumulate);
-                for cpu in &cpus {
+                for (cpu, simd) in &engines {
                     let mut got = if accumulate {
                         dx0.clone()
                     } else {
                         vec![f32::NAN; m * k]
                     };
-                    cpu.linear_backward_input(&dy, &w, &mut got, m, accumulate);
+                    cpu.install(|| {
+                        matmul::linear_backward_input_with(*simd, &dy, &w, &mut got, m, accumulate)
+                    });
                     let what = format!(
                         "shape {si} {m}x{n}x{k} {dtype:?} acc={accumulate} {}",
-                        cpu.name()
+                        label(cpu, *simd)
                     );
                     assert_close(&what, &got, &want, n);
                 }
@@ -267,6 +287,7 @@ fn check_matmul(name: &str, run: MatmulFn<'_>) {
 
 #[test]
 fn matmul_matches_reference() {
+    // Through the Backend trait (the best kernels) ...
     for threads in [1, 2] {
         let cpu = fast(threads);
         check_matmul(&cpu.name(), &|g, a, b, c| {
@@ -275,14 +296,12 @@ fn matmul_matches_reference() {
             c.copy_from_slice(&cv);
         });
     }
-}
-
-#[test]
-fn portable_kernel_matches_reference() {
-    let cpu = fast(2);
-    check_matmul("portable kernel", &|g, a, b, c| {
-        cpu.install(|| matmul_portable(g, a, b, c))
-    });
+    // ... and every instruction set this CPU has.
+    for (cpu, simd) in engines() {
+        check_matmul(&label(&cpu, simd), &|g, a, b, c| {
+            cpu.install(|| matmul::matmul_with(simd, g, a, b, c))
+        });
+    }
 }
 
 #[test]
@@ -423,7 +442,7 @@ const LORA_SHAPES: [(usize, usize, usize, usize); 8] = [
 #[test]
 fn lora_forward_matches_reference() {
     let mut rng = Rng::new(6);
-    let cpus = [fast(1), fast(2)];
+    let engines = engines();
     for &(m, k, n, r) in &LORA_SHAPES {
         let d = LoraDims {
             m,
@@ -440,11 +459,11 @@ fn lora_forward_matches_reference() {
         );
         let (mut wu, mut wy) = (vec![0.0; m * r], y0.clone());
         reference_matmul::lora_forward(&x, &a, &b, d, &mut wu, &mut wy);
-        for cpu in &cpus {
+        for (cpu, simd) in &engines {
             let (mut u, mut y) = (vec![f32::NAN; m * r], y0.clone());
-            cpu.lora_forward(&x, &a, &b, d, &mut u, &mut y);
-            assert_close(&format!("u {d:?} {}", cpu.name()), &u, &wu, k);
-            assert_close(&format!("y {d:?} {}", cpu.name()), &y, &wy, k * r);
+            cpu.install(|| matmul::lora_forward_with(*simd, &x, &a, &b, d, &mut u, &mut y));
+            assert_close(&format!("u {d:?} {}", label(cpu, *simd)), &u, &wu, k);
+            assert_close(&format!("y {d:?} {}", label(cpu, *simd)), &y, &wy, k * r);
         }
     }
 }
@@ -452,7 +471,7 @@ fn lora_forward_matches_reference() {
 #[test]
 fn lora_backward_matches_reference() {
     let mut rng = Rng::new(7);
-    let cpus = [fast(1), fast(2)];
+    let engines = engines();
     for &(m, k, n, r) in &LORA_SHAPES {
         let d = LoraDims {
             m,
@@ -483,13 +502,21 @@ fn lora_backward_matches_reference() {
             &mut wdu,
             Some(&mut wdx),
         );
-        for cpu in &cpus {
+        for (cpu, simd) in &engines {
             for with_dx in [true, false] {
                 let (mut da, mut db, mut du, mut dx) =
                     (da0.clone(), db0.clone(), vec![f32::NAN; m * r], dx0.clone());
-                let dxo = if with_dx { Some(&mut dx) } else { None };
-                cpu.lora_backward(&x, &a, &b, &u, &dy, d, &mut da, &mut db, &mut du, dxo);
-                let what = |t: &str| format!("{t} {d:?} dx={with_dx} {}", cpu.name());
+                let dxo = if with_dx {
+                    Some(dx.as_mut_slice())
+                } else {
+                    None
+                };
+                cpu.install(|| {
+                    matmul::lora_backward_with(
+                        *simd, &x, &a, &b, &u, &dy, d, &mut da, &mut db, &mut du, dxo,
+                    )
+                });
+                let what = |t: &str| format!("{t} {d:?} dx={with_dx} {}", label(cpu, *simd));
                 assert_close(&what("dB"), &db, &wdb, m);
                 assert_close(&what("du"), &du, &wdu, n);
                 assert_close(&what("dA"), &da, &wda, m * n);

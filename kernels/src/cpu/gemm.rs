@@ -22,7 +22,8 @@
 //!   the threads, groups of panels). Block sizes never depend on the thread count and every
 //!   element is summed in the same order, so results are bitwise identical for any number of
 //!   threads.
-//! - **ISA**: chosen at run time: AVX-512F, else AVX2+FMA (x86-64), else a portable kernel
+//! - **ISA** ([`Simd`]): chosen at run time: AVX-512F, else AVX2+FMA (x86-64), else a
+//!   portable kernel
 //!   (plain Rust the compiler vectorises for the target's baseline).
 
 use half::{bf16, f16};
@@ -107,7 +108,6 @@ type PackFn = fn(
 
 /// One instruction set's microkernels and tile shape.
 pub(crate) struct Isa {
-    pub name: &'static str,
     pub mr: usize,
     pub nr: usize,
     /// `[row-major A, transposed A]`.
@@ -115,45 +115,88 @@ pub(crate) struct Isa {
     pack: PackFn,
 }
 
-/// The best kernel set this CPU runs (detected once).
-pub(crate) fn isa() -> &'static Isa {
-    static ISA: std::sync::OnceLock<&'static Isa> = std::sync::OnceLock::new();
-    ISA.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                return &x86::AVX512;
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return &x86::AVX2;
-            }
-        }
-        &PORTABLE
-    })
+/// The instruction sets the fast CPU ops have kernels for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Simd {
+    /// x86-64 AVX-512F: 14 × 32 GEMM tiles in zmm registers.
+    Avx512,
+    /// x86-64 AVX2 + FMA: 6 × 16 tiles in ymm registers.
+    Avx2,
+    /// Plain Rust the compiler vectorises for the build target's baseline.
+    Portable,
 }
 
-/// The portable kernel set (also used by tests to check it on machines with AVX-512).
-pub(crate) fn portable_isa() -> &'static Isa {
-    &PORTABLE
+impl Simd {
+    /// The best this CPU runs (detected once).
+    pub fn detect() -> Simd {
+        static BEST: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            [Simd::Avx512, Simd::Avx2]
+                .into_iter()
+                .find(|s| s.available())
+                .unwrap_or(Simd::Portable)
+        })
+    }
+
+    /// Whether this CPU has the instructions.
+    pub fn available(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            Simd::Avx512 | Simd::Avx2 => false,
+            Simd::Portable => true,
+        }
+    }
+
+    /// `"avx512f 14x32"`, `"avx2+fma 6x16"` or `"portable 4x16"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Simd::Avx512 => "avx512f 14x32",
+            Simd::Avx2 => "avx2+fma 6x16",
+            Simd::Portable => "portable 4x16",
+        }
+    }
+
+    /// Panics unless this CPU has the instructions: running them anyway would be undefined
+    /// behaviour, so every entry point that takes a `Simd` checks.
+    pub(crate) fn check(self) {
+        assert!(
+            self.available(),
+            "{} kernels need instructions this CPU lacks",
+            self.name()
+        );
+    }
+
+    /// The GEMM kernels (after [`Simd::check`]).
+    fn isa(self) -> &'static Isa {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 => &x86::AVX512,
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => &x86::AVX2,
+            _ => &PORTABLE,
+        }
+    }
 }
 
 static PORTABLE: Isa = Isa {
-    name: "portable",
     mr: 4,
     nr: 16,
     kernels: [portable_kernel::<false>, portable_kernel::<true>],
     pack: pack_panel_scalar,
 };
 
-/// `C = alpha · op(A) · op(B) + beta · C` on the current rayon pool with the best kernels.
-pub(crate) fn gemm(g: &GemmCall<'_>, c: &mut [f32]) {
-    gemm_with(isa(), g, c)
-}
-
-/// [`gemm`] with a chosen kernel set.
-pub(crate) fn gemm_with(isa: &Isa, g: &GemmCall<'_>, c: &mut [f32]) {
+/// `C = alpha · op(A) · op(B) + beta · C` on the current rayon pool with `simd`'s kernels
+/// (panics when this CPU lacks them).
+pub(crate) fn gemm(simd: Simd, g: &GemmCall<'_>, c: &mut [f32]) {
+    simd.check();
+    let isa = simd.isa();
     let GemmCall {
         m,
         n,
@@ -377,7 +420,7 @@ impl Tile<'_, '_> {
                 let bp = bpack[t * kc * nr..(t + 1) * kc * nr].as_ptr();
                 // SAFETY: the A tile holds MR × kc values at `lda` (checked in `gemm_with`, or
                 // the padded copy), the panel kc · NR, and C rows i..i+h, columns j..j+w are
-                // inside C and this task's own; `isa` was chosen for this CPU.
+                // inside C and this task's own; `gemm` checked this CPU runs `isa`.
                 unsafe {
                     kern(
                         kc,
@@ -547,7 +590,6 @@ mod x86 {
     use super::{BSrc, Isa, generic_kernel, pack_panel_scalar};
 
     pub(super) static AVX512: Isa = Isa {
-        name: "avx512f 14x32",
         mr: 14,
         nr: 32,
         kernels: [avx512_14x32::<false>, avx512_14x32::<true>],
@@ -555,7 +597,6 @@ mod x86 {
     };
 
     pub(super) static AVX2: Isa = Isa {
-        name: "avx2+fma 6x16",
         mr: 6,
         nr: 16,
         kernels: [avx2_kernel::<false>, avx2_kernel::<true>],
@@ -740,7 +781,7 @@ mod x86 {
             BSrc::Bf16(s) => (s.as_ptr().cast::<u8>(), 2),
         };
         let d = dst.as_mut_ptr();
-        // SAFETY: `isa()` picks this function only with AVX-512F; every element read lies at
+        // SAFETY: `Simd::check` lets this function run only with AVX-512F; every element read lies at
         // or before `last` (checked above) and every write inside the kc × 32 panel.
         unsafe {
             match (trans_b, dt) {

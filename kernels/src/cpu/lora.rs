@@ -11,6 +11,7 @@
 //! the number of threads.
 use rayon::prelude::*;
 
+use super::gemm::Simd;
 use crate::LoraDims;
 
 /// Ranks are processed in groups of this many (matrices are zero-padded to a multiple).
@@ -22,7 +23,7 @@ fn block_rows(m: usize) -> usize {
 }
 
 /// A vector of f32 lanes.
-trait Simd: Copy {
+trait Vector: Copy {
     const LANES: usize;
     /// # Safety (for all methods)
     /// The CPU has the instructions; pointers are valid for `LANES` values.
@@ -39,7 +40,7 @@ trait Simd: Copy {
 #[derive(Clone, Copy)]
 struct Lanes([f32; 8]);
 
-impl Simd for Lanes {
+impl Vector for Lanes {
     const LANES: usize = 8;
     #[inline(always)]
     unsafe fn zero() -> Self {
@@ -79,12 +80,12 @@ impl Simd for Lanes {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::Simd;
+    use super::Vector;
 
     #[derive(Clone, Copy)]
     pub(super) struct Z(__m512);
 
-    impl Simd for Z {
+    impl Vector for Z {
         const LANES: usize = 16;
         #[inline(always)]
         unsafe fn zero() -> Self {
@@ -121,7 +122,7 @@ mod x86 {
     #[derive(Clone, Copy)]
     pub(super) struct Y(__m256);
 
-    impl Simd for Y {
+    impl Vector for Y {
         const LANES: usize = 8;
         #[inline(always)]
         unsafe fn zero() -> Self {
@@ -158,34 +159,6 @@ mod x86 {
     }
 }
 
-/// Instruction set for the LoRA kernels, detected once.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Level {
-    Portable,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-}
-
-fn level() -> Level {
-    static L: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
-    *L.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                return Level::Avx512;
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return Level::Avx2;
-            }
-        }
-        Level::Portable
-    })
-}
-
 /// A row-major matrix view (`ld` = row stride).
 #[derive(Clone, Copy)]
 struct Mat<'a> {
@@ -201,7 +174,7 @@ struct Mat<'a> {
 /// rows of `r` at `ldo`, `w` `⌈r/RG⌉·RG · k` values.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn dots<V: Simd>(
+unsafe fn dots<V: Vector>(
     x: Mat<'_>,
     rows: usize,
     k: usize,
@@ -264,7 +237,7 @@ unsafe fn dots<V: Simd>(
 /// # Safety
 /// The CPU has `V`'s instructions; the views hold what they describe.
 #[inline(always)]
-unsafe fn rank_update<V: Simd>(
+unsafe fn rank_update<V: Vector>(
     u: &[f32],
     rp: usize,
     rows: usize,
@@ -335,7 +308,7 @@ unsafe fn rank_update<V: Simd>(
 /// # Safety
 /// The CPU has `V`'s instructions; the views hold what they describe.
 #[inline(always)]
-unsafe fn rank_reduce<V: Simd>(
+unsafe fn rank_reduce<V: Vector>(
     u: &[f32],
     rp: usize,
     rows: usize,
@@ -409,11 +382,12 @@ unsafe fn rank_reduce<V: Simd>(
     }
 }
 
-/// Instantiates a kernel for every [`Level`] behind one safe dispatching function.
+/// Instantiates a kernel for every [`Simd`] behind one safe dispatching function (its
+/// callers checked the `Simd` is available).
 macro_rules! dispatch {
     ($name:ident, $kernel:ident, ($($arg:ident : $ty:ty),*)) => {
         #[allow(clippy::too_many_arguments)]
-        fn $name($($arg: $ty),*) {
+        fn $name(simd: Simd, $($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f")]
@@ -428,15 +402,17 @@ macro_rules! dispatch {
                     // SAFETY: forwarded; compiled and run with AVX2+FMA.
                     unsafe { $kernel::<x86::Y>($($arg),*) }
                 }
-                match level() {
-                    // SAFETY: the level was detected on this CPU; the callers below pass
-                    // views that hold what the kernel reads and writes.
-                    Level::Avx512 => return unsafe { avx512($($arg),*) },
+                match simd {
+                    // SAFETY: `forward`/`backward` checked that this CPU has `simd`; the
+                    // callers below pass views that hold what the kernel reads and writes.
+                    Simd::Avx512 => return unsafe { avx512($($arg),*) },
                     // SAFETY: as above.
-                    Level::Avx2 => return unsafe { avx2($($arg),*) },
-                    Level::Portable => {}
+                    Simd::Avx2 => return unsafe { avx2($($arg),*) },
+                    Simd::Portable => {}
                 }
             }
+            // Other targets have only the portable kernels (`Simd::check` refused the rest).
+            let _ = simd;
             // SAFETY: plain Rust lanes; views checked by the callers.
             unsafe { $kernel::<Lanes>($($arg),*) }
         }
@@ -516,8 +492,17 @@ fn for_blocks(m: usize, bm: usize, f: impl Fn(usize, usize, usize) + Sync) {
 }
 
 /// `u[m,r] = x·Aᵀ`; `y[m,n] += scale · u·Bᵀ`.
-pub(crate) fn forward(x: &[f32], a: &[f32], b: &[f32], d: LoraDims, u: &mut [f32], y: &mut [f32]) {
+pub(crate) fn forward(
+    simd: Simd,
+    x: &[f32],
+    a: &[f32],
+    b: &[f32],
+    d: LoraDims,
+    u: &mut [f32],
+    y: &mut [f32],
+) {
     let LoraDims { m, k, n, r, scale } = d;
+    simd.check();
     check("lora_forward", d, x, a, b);
     assert!(
         u.len() >= m * r,
@@ -544,10 +529,10 @@ pub(crate) fn forward(x: &[f32], a: &[f32], b: &[f32], d: LoraDims, u: &mut [f32
             d: &x[i0 * k..(i0 + rows) * k],
             ld: k,
         };
-        dots_any(xb, rows, k, &a_pad, r, 1.0, ub, r);
+        dots_any(simd, xb, rows, k, &a_pad, r, 1.0, ub, r);
         let mut upad = Vec::new();
         pad_cols(ub, rows, r, rp, &mut upad);
-        rank_update_any(&upad, rp, rows, &bt, n, yb, n);
+        rank_update_any(simd, &upad, rp, rows, &bt, n, yb, n);
     });
 }
 
@@ -555,6 +540,7 @@ pub(crate) fn forward(x: &[f32], a: &[f32], b: &[f32], d: LoraDims, u: &mut [f32
 /// `dx` is given, `dx[m,k] += du·A`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
+    simd: Simd,
     x: &[f32],
     a: &[f32],
     b: &[f32],
@@ -567,6 +553,7 @@ pub(crate) fn backward(
     dx: Option<&mut [f32]>,
 ) {
     let LoraDims { m, k, n, r, scale } = d;
+    simd.check();
     check("lora_backward", d, x, a, b);
     assert!(
         u.len() >= m * r,
@@ -626,16 +613,16 @@ pub(crate) fn backward(
             d: &x[i0 * k..(i0 + rows) * k],
             ld: k,
         };
-        dots_any(dyb, rows, n, &bt, r, scale, dub, r);
+        dots_any(simd, dyb, rows, n, &bt, r, scale, dub, r);
         let mut pad = Vec::new();
         pad_cols(&u[i0 * r..(i0 + rows) * r], rows, r, rp, &mut pad);
-        rank_reduce_any(&pad, rp, rows, dyb, n, gbb);
+        rank_reduce_any(simd, &pad, rp, rows, dyb, n, gbb);
         pad_cols(dub, rows, r, rp, &mut pad);
-        rank_reduce_any(&pad, rp, rows, xb, k, gab);
+        rank_reduce_any(simd, &pad, rp, rows, xb, k, gab);
         if let Some(dxp) = dxp {
             // SAFETY: as above (rows of dx, checked to hold m·k values).
             let dxb = unsafe { dxp.rows(i0, rows, k) };
-            rank_update_any(&pad, rp, rows, &a_pad, k, dxb, k);
+            rank_update_any(simd, &pad, rp, rows, &a_pad, k, dxb, k);
         }
     });
     // Block partial sums, added in block order.

@@ -1,10 +1,12 @@
-//! Fast matmul and LoRA ops: the packed SIMD GEMM of [`super::gemm`] for the dense products,
-//! skinny kernels of [`super::lora`] for the rank-r LoRA products. Every function runs on the
-//! rayon pool it is called in (the backend's, via `Cpu::install`).
+//! Fast matmul and LoRA ops: the packed SIMD GEMM of `gemm.rs` for the dense products, the
+//! skinny kernels of `lora.rs` for the rank-r LoRA products. Every function runs on the rayon
+//! pool it is called in (the backend's, via `Cpu::install`) with the best instruction set of
+//! this CPU; the `*_with` forms take a [`Simd`] (tests check every set the CPU has).
 use std::time::Instant;
 
 use rayon::prelude::*;
 
+pub use super::gemm::Simd;
 use super::gemm::{self, BSrc, GemmCall, gemm};
 use super::{Cpu, CpuWeight, WeightSlice, lora};
 use crate::{Gemm, LoraDims};
@@ -19,6 +21,18 @@ fn weight_src(w: &CpuWeight) -> BSrc<'_> {
 
 /// `y[m,n] (+)= x[m,k] · Wᵀ` with W `[n,k]` in its stored dtype (widened while packing).
 pub fn linear_forward(x: &[f32], w: &CpuWeight, y: &mut [f32], m: usize, accumulate: bool) {
+    linear_forward_with(Simd::detect(), x, w, y, m, accumulate)
+}
+
+/// [`linear_forward`] with `simd`'s kernels (panics when this CPU lacks them).
+pub fn linear_forward_with(
+    simd: Simd,
+    x: &[f32],
+    w: &CpuWeight,
+    y: &mut [f32],
+    m: usize,
+    accumulate: bool,
+) {
     let (n, k) = (w.rows, w.cols);
     assert!(
         x.len() >= m * k,
@@ -44,11 +58,23 @@ pub fn linear_forward(x: &[f32], w: &CpuWeight, y: &mut [f32], m: usize, accumul
         trans_b: true,
         ldc: n,
     };
-    gemm(&g, y);
+    gemm(simd, &g, y);
 }
 
 /// `dx[m,k] (+)= dy[m,n] · W` with W `[n,k]` in its stored dtype.
 pub fn linear_backward_input(
+    dy: &[f32],
+    w: &CpuWeight,
+    dx: &mut [f32],
+    m: usize,
+    accumulate: bool,
+) {
+    linear_backward_input_with(Simd::detect(), dy, w, dx, m, accumulate)
+}
+
+/// [`linear_backward_input`] with `simd`'s kernels (panics when this CPU lacks them).
+pub fn linear_backward_input_with(
+    simd: Simd,
     dy: &[f32],
     w: &CpuWeight,
     dx: &mut [f32],
@@ -80,11 +106,16 @@ pub fn linear_backward_input(
         trans_b: false,
         ldc: k,
     };
-    gemm(&g, dx);
+    gemm(simd, &g, dx);
 }
 
 /// `C = alpha · op(A) · op(B) + beta · C`, see [`Gemm`].
 pub fn matmul(g: Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
+    matmul_with(Simd::detect(), g, a, b, c)
+}
+
+/// [`matmul`] with `simd`'s kernels (panics when this CPU lacks them).
+pub fn matmul_with(simd: Simd, g: Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
     let Gemm {
         m,
         n,
@@ -123,12 +154,26 @@ pub fn matmul(g: Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
         trans_b,
         ldc: n,
     };
-    gemm(&call, c);
+    gemm(simd, &call, c);
 }
 
 /// `u[m,r] = x·Aᵀ`; `y[m,n] += scale · u·Bᵀ`.
 pub fn lora_forward(x: &[f32], a: &[f32], b: &[f32], d: LoraDims, u: &mut [f32], y: &mut [f32]) {
-    lora::forward(x, a, b, d, u, y)
+    lora::forward(Simd::detect(), x, a, b, d, u, y)
+}
+
+/// [`lora_forward`] with `simd`'s kernels (panics when this CPU lacks them).
+#[allow(clippy::too_many_arguments)]
+pub fn lora_forward_with(
+    simd: Simd,
+    x: &[f32],
+    a: &[f32],
+    b: &[f32],
+    d: LoraDims,
+    u: &mut [f32],
+    y: &mut [f32],
+) {
+    lora::forward(simd, x, a, b, d, u, y)
 }
 
 /// `dB += scale · dyᵀ·u`; `du = scale · dy·B`; `dA += duᵀ·x`; `dx += du·A` when given.
@@ -145,7 +190,25 @@ pub fn lora_backward(
     du: &mut [f32],
     dx: Option<&mut [f32]>,
 ) {
-    lora::backward(x, a, b, u, dy, d, da, db, du, dx)
+    lora::backward(Simd::detect(), x, a, b, u, dy, d, da, db, du, dx)
+}
+
+/// [`lora_backward`] with `simd`'s kernels (panics when this CPU lacks them).
+#[allow(clippy::too_many_arguments)]
+pub fn lora_backward_with(
+    simd: Simd,
+    x: &[f32],
+    a: &[f32],
+    b: &[f32],
+    u: &[f32],
+    dy: &[f32],
+    d: LoraDims,
+    da: &mut [f32],
+    db: &mut [f32],
+    du: &mut [f32],
+    dx: Option<&mut [f32]>,
+) {
+    lora::backward(simd, x, a, b, u, dy, d, da, db, du, dx)
 }
 
 /// This machine's f32 matmul rate in GFLOP/s: the best of repeated `C = A·B` products on a
@@ -202,52 +265,4 @@ pub fn measure_fma_peak(cpu: &Cpu, seconds: f64) -> f64 {
             .sum()
     });
     flops / t.elapsed().as_secs_f64() / 1e9
-}
-
-/// The GEMM kernel set this CPU runs ("avx512f 14x32", "avx2+fma 6x16", "portable").
-pub fn gemm_kernel_name() -> &'static str {
-    gemm::isa().name
-}
-
-/// [`matmul`] with the portable kernel whatever the CPU has (tests, comparisons).
-pub fn matmul_portable(g: Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
-    let Gemm {
-        m,
-        n,
-        k,
-        trans_a,
-        trans_b,
-        alpha,
-        beta,
-    } = g;
-    assert!(
-        a.len() >= m * k,
-        "matmul: A has {} < {m}x{k} values",
-        a.len()
-    );
-    assert!(
-        b.len() >= k * n,
-        "matmul: B has {} < {k}x{n} values",
-        b.len()
-    );
-    assert!(
-        c.len() >= m * n,
-        "matmul: C has {} < {m}x{n} values",
-        c.len()
-    );
-    let call = GemmCall {
-        m,
-        n,
-        k,
-        alpha,
-        beta,
-        a,
-        lda: if trans_a { m } else { k },
-        trans_a,
-        b: BSrc::F32(b),
-        ldb: if trans_b { k } else { n },
-        trans_b,
-        ldc: n,
-    };
-    gemm::gemm_with(gemm::portable_isa(), &call, c);
 }
