@@ -70,7 +70,7 @@ pub(crate) struct GemmCall<'a> {
 const KC: usize = 384;
 /// The most values (f32) a packed block of B holds: 1 MiB, half a core's L2 here.
 const B_BLOCK: usize = 256 * 1024;
-/// Rows per parallel task (rounded to a multiple of MR).
+/// About this many rows per parallel task.
 const MC: usize = 112;
 
 /// A microkernel: `C[mr,nr] = alpha · A·Bp + beta · C` over `kc` steps, A read in place
@@ -268,9 +268,16 @@ pub(crate) fn gemm(simd: Simd, g: &GemmCall<'_>, c: &mut [f32]) {
             let bpack: &[f32] = bpack;
             let beta_k = if pc == 0 { beta } else { 1.0 };
 
-            // Tasks: row blocks × panel groups.
-            let mc = MC.div_ceil(mr) * mr;
-            let row_blocks = m.div_ceil(mc);
+            // Tasks: row blocks × panel groups. Row blocks hold whole MR tiles, about MC rows,
+            // and come in a multiple of the thread count so the threads finish together;
+            // when there are too few of them, the panels are split into groups too.
+            let tiles = m.div_ceil(mr);
+            let row_blocks = if threads == 1 {
+                1
+            } else {
+                tiles.div_ceil(MC / mr).div_ceil(threads) * threads
+            }
+            .min(tiles);
             let groups = if threads == 1 || row_blocks >= 2 * threads {
                 1
             } else {
@@ -280,7 +287,8 @@ pub(crate) fn gemm(simd: Simd, g: &GemmCall<'_>, c: &mut [f32]) {
             let groups = panels.div_ceil(per_group);
             let task = |t: usize| {
                 let (rb, gr) = (t / groups, t % groups);
-                let rows = rb * mc..(m.min((rb + 1) * mc));
+                let tile_range = rb * tiles / row_blocks..(rb + 1) * tiles / row_blocks;
+                let rows = tile_range.start * mr..m.min(tile_range.end * mr);
                 let pans = gr * per_group..panels.min((gr + 1) * per_group);
                 let tile = Tile {
                     isa,
@@ -664,6 +672,17 @@ mod x86 {
                 $(
                     let mut $c0 = _mm512_setzero_ps();
                     let mut $c1 = _mm512_setzero_ps();
+                )*
+                // Fetch the C tile (for writing) while the products run.
+                $(
+                    if $i < mr {
+                        // SAFETY: a prefetch never faults; row $i < mr is inside C.
+                        unsafe {
+                            let row = c.add($i * ldc).cast::<i8>();
+                            _mm_prefetch::<_MM_HINT_ET0>(row);
+                            _mm_prefetch::<_MM_HINT_ET0>(row.add(64));
+                        }
+                    }
                 )*
                 // Row-major A: row i at a + i·lda, one further per step; transposed A: the
                 // MR values of a step are contiguous, the next step lda further.
