@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release -p fedcdd-kernels --example ops_bench [-- --large] [--threads 1,2]
-//!     [--seconds 0.3] [--filter attention] [--isa generic|avx2|avx512] [--reference]
+//!     [--seconds 0.3 | --runs N] [--filter attention] [--isa generic|avx2|avx512] [--reference]
 //! ```
 //! `--large` adds attention at seq 512 and 2048 with head_dim 64 (32 query / 4 KV heads).
 //! Each row runs the op repeatedly for about `--seconds` and prints the best and the median
@@ -22,6 +22,8 @@ struct Opts {
     seconds: f64,
     filter: Option<String>,
     reference: bool,
+    /// Exactly this many timed calls per row (instead of `seconds`' worth).
+    runs: Option<usize>,
 }
 
 fn parse() -> Result<Opts, String> {
@@ -31,6 +33,7 @@ fn parse() -> Result<Opts, String> {
         seconds: 0.3,
         filter: None,
         reference: false,
+        runs: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -46,6 +49,7 @@ fn parse() -> Result<Opts, String> {
             }
             "--seconds" => o.seconds = val()?.parse().map_err(|e| format!("--seconds: {e}"))?,
             "--filter" => o.filter = Some(val()?),
+            "--runs" => o.runs = Some(val()?.parse().map_err(|e| format!("--runs: {e}"))?),
             "--isa" => {
                 let v = val()?;
                 set_max_isa(
@@ -72,12 +76,17 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// Runs `f` for about `seconds` (at least 3 times); returns (best, median) seconds per call.
-fn time(seconds: f64, mut f: impl FnMut()) -> (f64, f64) {
+/// Runs `f` for about `seconds` (at least 3 times), or exactly `count` times; returns (best,
+/// median) seconds per call.
+fn time(seconds: f64, count: Option<usize>, mut f: impl FnMut()) -> (f64, f64) {
     f();
     let start = Instant::now();
     let mut runs = Vec::new();
-    while runs.len() < 3 || (start.elapsed().as_secs_f64() < seconds && runs.len() < 10_000) {
+    let more = |n: usize, t: f64| match count {
+        Some(c) => n < c.max(1),
+        None => n < 3 || (t < seconds && n < 10_000),
+    };
+    while more(runs.len(), start.elapsed().as_secs_f64()) {
         let t = Instant::now();
         f();
         runs.push(t.elapsed().as_secs_f64());
@@ -98,7 +107,7 @@ impl Bench<'_> {
         {
             return;
         }
-        let (best, median) = time(self.o.seconds, f);
+        let (best, median) = time(self.o.seconds, self.o.runs, f);
         let rate = flops
             .map(|fl| format!("  {:7.1} GFLOP/s", fl / best / 1e9))
             .unwrap_or_default();

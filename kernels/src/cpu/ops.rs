@@ -63,18 +63,14 @@ multiversion! { fn sum_squares_chunk(x: &[f32]) -> f64 = sum_squares_impl; }
 #[inline(always)]
 fn sum_squares_impl<M: Mode>(x: &[f32]) -> f64 {
     let mut acc = [0.0f64; LANES];
-    let mut chunks = x.chunks_exact(LANES);
-    for c in &mut chunks {
+    let (chunks, tail) = x.as_chunks::<LANES>();
+    for c in chunks {
         for l in 0..LANES {
             let v = c[l] as f64;
             acc[l] += v * v;
         }
     }
-    let tail: f64 = chunks
-        .remainder()
-        .iter()
-        .map(|&v| v as f64 * v as f64)
-        .sum();
+    let tail: f64 = tail.iter().map(|&v| v as f64 * v as f64).sum();
     acc.iter().sum::<f64>() + tail
 }
 
@@ -258,23 +254,18 @@ fn rmsnorm_backward_impl<M: Mode>(
         .zip(x.chunks_exact(dim));
     for (((dx, dy), x), &rs) in rows.zip(rstd) {
         let mut acc = [0.0f32; LANES];
-        let (mut cd, mut cx, mut cw) = (
-            dy.chunks_exact(LANES),
-            x.chunks_exact(LANES),
-            w.chunks_exact(LANES),
+        let ((cd, td), (cx, tx), (cw, tw)) = (
+            dy.as_chunks::<LANES>(),
+            x.as_chunks::<LANES>(),
+            w.as_chunks::<LANES>(),
         );
-        for ((d, x), w) in (&mut cd).zip(&mut cx).zip(&mut cw) {
+        for ((d, x), w) in cd.iter().zip(cx).zip(cw) {
             for l in 0..LANES {
                 acc[l] = M::fma(d[l] * w[l], x[l], acc[l]);
             }
         }
         let mut tail = 0.0f32;
-        for ((d, x), w) in cd
-            .remainder()
-            .iter()
-            .zip(cx.remainder())
-            .zip(cw.remainder())
-        {
+        for ((d, x), w) in td.iter().zip(tx).zip(tw) {
             tail = M::fma(d * w, *x, tail);
         }
         let coef = (simd::hsum(&acc) + tail) * rs * rs / dim as f32;
@@ -542,9 +533,9 @@ fn cross_entropy_row_impl<M: Mode>(row: &mut [f32], target: usize, grad_scale: O
     let mut sum = 0.0f64;
     for block in row.chunks_mut(1024) {
         let mut acc = [0.0f32; LANES];
-        let mut chunks = block.chunks_exact_mut(LANES);
+        let (chunks, tail_x) = block.as_chunks_mut::<LANES>();
         if grad_scale.is_some() {
-            for c in &mut chunks {
+            for c in chunks {
                 for l in 0..LANES {
                     let e = simd::exp::<M>(c[l] - m);
                     c[l] = e;
@@ -552,14 +543,14 @@ fn cross_entropy_row_impl<M: Mode>(row: &mut [f32], target: usize, grad_scale: O
                 }
             }
         } else {
-            for c in &mut chunks {
+            for c in chunks.iter() {
                 for l in 0..LANES {
                     acc[l] += simd::exp::<M>(c[l] - m);
                 }
             }
         }
         let mut tail = 0.0f32;
-        for x in chunks.into_remainder() {
+        for x in tail_x {
             let e = simd::exp::<M>(*x - m);
             if grad_scale.is_some() {
                 *x = e;

@@ -236,47 +236,27 @@ mod x86 {
     }
 }
 
-/// Per-task work buffers (a score tile and its gradient, output / dK / dV accumulators).
-struct Work {
-    /// `[BQ, BK]` scores, then probabilities.
-    s: Vec<f32>,
-    /// `[BQ, BK]` dP, then dS (backward).
-    ds: Vec<f32>,
-    /// `[BQ, dp]` queries and output accumulators (forward).
-    q: Vec<f32>,
-    o: Vec<f32>,
-    /// `[BK, dp]` dK and dV accumulators (backward).
-    dk: Vec<f32>,
-    dv: Vec<f32>,
-    /// Per-row running max and sum (forward).
-    m: Vec<f32>,
-    l: Vec<f32>,
+/// A forward task's buffers.
+struct ForwardWork {
+    /// `[dp, BQ]` transposed queries.
+    q: Scratch,
+    /// `[BK, BQ]` scores, then probabilities, keys by queries.
+    s: Scratch,
+    /// `[BQ, dp]` output accumulators.
+    o: Scratch,
+    /// Per-query running max and sum.
+    m: [f32; BQ],
+    l: [f32; BQ],
 }
 
-impl Work {
-    fn forward(dp: usize) -> Self {
-        Work {
-            s: vec![0.0; BQ * BK],
-            ds: Vec::new(),
-            q: vec![0.0; BQ * dp],
-            o: vec![0.0; BQ * dp],
-            dk: Vec::new(),
-            dv: Vec::new(),
-            m: vec![0.0; BQ],
-            l: vec![0.0; BQ],
-        }
-    }
-
-    fn backward(dp: usize) -> Self {
-        Work {
-            s: vec![0.0; BQ * BK],
-            ds: vec![0.0; BQ * BK],
-            q: Vec::new(),
-            o: Vec::new(),
-            dk: vec![0.0; BK * dp],
-            dv: vec![0.0; BK * dp],
-            m: Vec::new(),
-            l: Vec::new(),
+impl ForwardWork {
+    fn new(dp: usize) -> Self {
+        ForwardWork {
+            q: Scratch::zeroed(dp * BQ),
+            s: Scratch::zeroed(BK * BQ),
+            o: Scratch::zeroed(BQ * dp),
+            m: [0.0; BQ],
+            l: [0.0; BQ],
         }
     }
 }
@@ -325,17 +305,12 @@ fn copy_rows_impl<M: Mode>(dst: &mut [f32], dp: usize, src: &[f32], stride: usiz
         let Some(from) = src.get(t * stride..t * stride + d) else {
             break;
         };
-        let (to, from) = (&mut row[..d], from);
-        let mut to16 = to.chunks_exact_mut(LANES);
-        let mut from16 = from.chunks_exact(LANES);
-        for (x, y) in (&mut to16).zip(&mut from16) {
-            let x: &mut [f32; LANES] = x.try_into().expect("16");
-            let y: &[f32; LANES] = y.try_into().expect("16");
+        let (to, tail_to) = row[..d].as_chunks_mut::<LANES>();
+        let (from, tail_from) = from.as_chunks::<LANES>();
+        for (x, y) in to.iter_mut().zip(from) {
             *x = *y;
         }
-        for (x, y) in to16.into_remainder().iter_mut().zip(from16.remainder()) {
-            *x = *y;
-        }
+        tail_to.copy_from_slice(tail_from);
     }
 }
 
@@ -369,146 +344,154 @@ fn pad_head_major(
     out
 }
 
-/// `[batch, len, heads, d]` (rows `0..rows`) → `[batch, heads, dp, cols_pad]`: each head
-/// transposed, zero-padded.
-#[allow(clippy::too_many_arguments)]
-fn transpose_head_major(
-    src: &[f32],
-    batch: usize,
-    len: usize,
-    rows: usize,
-    heads: usize,
-    d: usize,
+/// `dst[dd·cols_pad + j] = src[j·stride + dd]` for `j < rows`, `dd < d` (the rest of `dst`
+/// is left as it is).
+#[inline(always)]
+fn transpose_rows_impl<M: Mode>(
+    dst: &mut [f32],
     cols_pad: usize,
-    dp: usize,
-) -> Scratch {
-    let mut out = Scratch::zeroed(batch * heads * dp * cols_pad);
-    if out.is_empty() {
-        return out;
+    src: &[f32],
+    stride: usize,
+    d: usize,
+    rows: usize,
+) {
+    assert!(
+        rows <= cols_pad && dst.len() >= d * cols_pad,
+        "attention transpose: {rows} rows"
+    );
+    for (j, row) in src.chunks(stride).take(rows).enumerate() {
+        for (col, &y) in dst.chunks_exact_mut(cols_pad).zip(&row[..d]) {
+            col[j] = y;
+        }
     }
-    out.par_chunks_mut(dp * cols_pad)
-        .enumerate()
-        .for_each(|(bh, o)| {
-            let (b, h) = (bh / heads, bh % heads);
-            for j in 0..rows {
-                let s = ((b * len + j) * heads + h) * d;
-                for (dd, &x) in src[s..s + d].iter().enumerate() {
-                    o[dd * cols_pad + j] = x;
-                }
-            }
-        });
-    out
 }
 
 // ---- forward -----------------------------------------------------------------------------
 
-/// One forward task's inputs: its head's queries (`q[i·q_stride..][..d]` is query `i`), its
-/// KV head's transposed keys `[dp, kv_pad]` and padded values `[kv_pad, dp]`.
+/// One forward task's inputs: its head's queries (`q[i·q_stride..][..d]` is query `i`) and
+/// its KV head's padded keys and values (`[kv_pad, dp]` each).
 struct ForwardTile<'a> {
     q: &'a [f32],
     q_stride: usize,
-    kt: &'a [f32],
+    k: &'a [f32],
     v: &'a [f32],
     i0: usize,
 }
 
 multiversion! {
-    fn forward_tile(g: &Geometry, w: &mut Work, x: &ForwardTile<'_>, out: &mut [f32], lse: &mut [f32])
+    fn forward_tile(g: &Geometry, w: &mut ForwardWork, x: &ForwardTile<'_>, out: &mut [f32], lse: &mut [f32])
         = forward_tile_impl;
 }
 
 /// One forward task: queries `i0..i0 + lse.len()` of one head; writes their outputs to
 /// `out` (`[rows, d]`) and log-sum-exps to `lse`.
+///
+/// The score tile is kept transposed — `Sᵀ = K·Qᵀ` as `[keys, queries]` — so each query's
+/// running max, sum and rescale factor sit in vector lanes and the softmax needs no
+/// horizontal reductions; `O += P·V` reads `Pᵀ` by columns.
 #[inline(always)]
 fn forward_tile_impl<M: Mode>(
     g: &Geometry,
-    w: &mut Work,
+    w: &mut ForwardWork,
     x: &ForwardTile<'_>,
     out: &mut [f32],
     lse: &mut [f32],
 ) {
     let (s, d, dp) = (g.s, g.d, g.dp);
     let (i0, rows) = (x.i0, lse.len());
-    let mp = round_up(rows, ROWS);
+    let np = round_up(rows, LANES);
     let scale = s.scale;
-    w.q[rows * dp..mp * dp].fill(0.0);
-    let q_end = (i0 + rows - 1) * x.q_stride + d;
-    copy_rows_impl::<M>(
-        &mut w.q[..rows * dp],
-        dp,
-        &x.q[i0 * x.q_stride..q_end],
-        x.q_stride,
-        d,
-    );
-    let q = &w.q[..mp * dp];
-    w.o[..mp * dp].fill(0.0);
-    w.m[..mp].fill(f32::NEG_INFINITY);
-    w.l[..mp].fill(0.0);
+    // Qᵀ [d, BQ]; columns past the tile's queries are zero.
+    assert!(rows <= BQ && w.q.len() >= d * BQ);
+    for (c, src) in x.q[i0 * x.q_stride..]
+        .chunks(x.q_stride)
+        .take(rows)
+        .enumerate()
+    {
+        for (col, &y) in w.q.chunks_exact_mut(BQ).zip(&src[..d]) {
+            col[c] = y;
+        }
+    }
+    for col in w.q.chunks_exact_mut(BQ).take(d) {
+        col[rows..].fill(0.0);
+    }
+    w.o[..np * dp].fill(0.0);
+    let (m, l) = (&mut w.m, &mut w.l);
+    m.fill(f32::NEG_INFINITY);
+    l.fill(0.0);
+    // absolute position of the tile's first query
+    let qpos = (s.q_pos0 + i0) as isize;
     let kv_end = (s.q_pos0 + i0 + rows).min(s.kv_len);
     for j0 in (0..kv_end).step_by(BK) {
         let nk = BK.min(kv_end - j0);
+        let mk = round_up(nk, ROWS);
         gemm::<M>(
-            mp,
-            BK,
-            dp,
-            q,
+            mk,
+            np,
+            d,
+            &x.k[j0 * dp..],
             dp,
             1,
-            &x.kt[j0..],
-            g.kv_pad,
+            &w.q,
+            BQ,
             &mut w.s,
-            BK,
+            BQ,
             false,
         );
-        for r in 0..mp {
-            let srow: &mut [f32; BK] = (&mut w.s[r * BK..(r + 1) * BK]).try_into().expect("BK");
-            let last = g.last_visible(i0 + r, j0, nk);
-            if last < 0 {
-                // This query sees none of these keys: no contribution.
-                srow.fill(0.0);
-                continue;
-            }
-            if last as usize >= BK - 1 {
-                for x in srow.iter_mut() {
-                    *x *= scale;
+        // Scale, mask (query c sees key j0 + j iff qpos + c ≥ j0 + j), column max.
+        let mut m_new = *m;
+        for j in 0..nk {
+            let row: &mut [f32; BQ] = (&mut w.s[j * BQ..(j + 1) * BQ]).try_into().expect("BQ");
+            let first = (j0 + j) as isize - qpos;
+            if first <= 0 {
+                for (y, mx) in row.iter_mut().zip(m_new.iter_mut()) {
+                    *y *= scale;
+                    *mx = if *y > *mx { *y } else { *mx };
                 }
             } else {
-                for (c, x) in srow.iter_mut().enumerate() {
-                    *x = if c as isize <= last {
-                        *x * scale
+                for (c, (y, mx)) in row.iter_mut().zip(m_new.iter_mut()).enumerate() {
+                    *y = if c as isize >= first {
+                        *y * scale
                     } else {
                         f32::NEG_INFINITY
                     };
-                }
-            }
-            let m_old = w.m[r];
-            let m_tile = simd::max::<M>(srow);
-            let m_new = if m_tile > m_old { m_tile } else { m_old };
-            let mut acc = [0.0f32; LANES];
-            for ch in srow.chunks_exact_mut(LANES) {
-                for l in 0..LANES {
-                    let p = simd::exp::<M>(ch[l] - m_new);
-                    ch[l] = p;
-                    acc[l] += p;
-                }
-            }
-            // m_old = −∞ on the first tile: alpha = 0 (and o, l are still 0).
-            let alpha = simd::exp::<M>(m_old - m_new);
-            w.l[r] = w.l[r] * alpha + simd::hsum(&acc);
-            w.m[r] = m_new;
-            if alpha != 1.0 {
-                for x in &mut w.o[r * dp..(r + 1) * dp] {
-                    *x *= alpha;
+                    *mx = if *y > *mx { *y } else { *mx };
                 }
             }
         }
+        // P = exp(S − m_new); l = l·alpha + Σ P; O ·= alpha. A query whose first tile
+        // masks it entirely would have m = −∞ on both sides; only padding columns do.
+        let mut alpha = [0.0f32; BQ];
+        for c in 0..BQ {
+            alpha[c] = simd::exp::<M>(m[c] - m_new[c]);
+        }
+        let mut sum = [0.0f32; BQ];
+        for j in 0..nk {
+            let row: &mut [f32; BQ] = (&mut w.s[j * BQ..(j + 1) * BQ]).try_into().expect("BQ");
+            for c in 0..BQ {
+                let p = simd::exp::<M>(row[c] - m_new[c]);
+                row[c] = p;
+                sum[c] += p;
+            }
+        }
+        for c in 0..BQ {
+            l[c] = M::fma(l[c], alpha[c], sum[c]);
+        }
+        *m = m_new;
+        for (c, row) in w.o[..np * dp].chunks_exact_mut(dp).enumerate() {
+            let a = alpha[c];
+            for y in row.iter_mut() {
+                *y *= a;
+            }
+        }
+        // O += P·V (A(c, j) = Pᵀ[j][c])
         gemm::<M>(
-            mp,
+            np,
             dp,
-            BK,
+            nk,
             &w.s,
-            BK,
             1,
+            BQ,
             &x.v[j0 * dp..],
             dp,
             &mut w.o,
@@ -516,19 +499,18 @@ fn forward_tile_impl<M: Mode>(
             true,
         );
     }
-    for r in 0..rows {
-        let l = w.l[r];
-        let o = &mut out[r * d..(r + 1) * d];
-        if l > 0.0 {
-            let inv = 1.0 / l;
-            for (x, &y) in o.iter_mut().zip(&w.o[r * dp..r * dp + d]) {
-                *x = y * inv;
+    for c in 0..rows {
+        let o = &mut out[c * d..(c + 1) * d];
+        if l[c] > 0.0 {
+            let inv = 1.0 / l[c];
+            for (y, &v) in o.iter_mut().zip(&w.o[c * dp..c * dp + d]) {
+                *y = v * inv;
             }
-            lse[r] = w.m[r] + l.ln();
+            lse[c] = m[c] + l[c].ln();
         } else {
             // kv_len = 0: no key at all.
             o.fill(0.0);
-            lse[r] = f32::NEG_INFINITY;
+            lse[c] = f32::NEG_INFINITY;
         }
     }
 }
@@ -549,31 +531,31 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], lse: &mut [f32]
     let g = Geometry::new(s, group);
     let (tq, d, dp) = (s.q_len, g.d, g.dp);
     let (b_, hq, hkv) = (s.batch, s.q_heads, s.kv_heads);
-    let kt = transpose_head_major(k, b_, s.kv_stride, s.kv_len, hkv, d, g.kv_pad, dp);
+    let kp = pad_head_major(k, b_, s.kv_stride, s.kv_len, hkv, d, g.kv_pad, dp);
     let vp = pad_head_major(v, b_, s.kv_stride, s.kv_len, hkv, d, g.kv_pad, dp);
+    let kv_block = g.kv_pad * dp;
     // scratch[b, h, i, :] = out[b, i, h, :]
-    let mut scratch = Scratch::zeroed(out.len());
+    let mut scratch = Scratch::reused(out.len());
     scratch
         .par_chunks_mut(tq * d)
         .zip(lse.par_chunks_mut(tq))
         .enumerate()
         .for_each(|(bh, (o_bh, l_bh))| {
             let (b, h) = (bh / hq, bh % hq);
-            let kvh = h / group;
+            let bk = b * hkv + h / group;
             let q = &q[(b * tq * hq + h) * d..];
-            let bk = b * hkv + kvh;
-            let kt = &kt[bk * dp * g.kv_pad..(bk + 1) * dp * g.kv_pad];
-            let v = &vp[bk * g.kv_pad * dp..(bk + 1) * g.kv_pad * dp];
+            let k = &kp[bk * kv_block..(bk + 1) * kv_block];
+            let v = &vp[bk * kv_block..(bk + 1) * kv_block];
             o_bh.par_chunks_mut(BQ * d)
                 .zip(l_bh.par_chunks_mut(BQ))
                 .enumerate()
                 .for_each_init(
-                    || Work::forward(dp),
+                    || ForwardWork::new(dp),
                     |w, (t, (o, l))| {
                         let x = ForwardTile {
                             q,
                             q_stride: hq * d,
-                            kt,
+                            k,
                             v,
                             i0: t * BQ,
                         };
@@ -616,47 +598,114 @@ fn to_token_major(
 
 // ---- backward ----------------------------------------------------------------------------
 
-/// What one backward task reads: padded, head-major copies of its group's queries and
-/// output gradients (`[group, tq_pad, dp]`), its KV head's keys (`[kv_pad, dp]`) and
-/// transposed keys and values (`[dp, kv_pad]`), the group's `lse` (`[group, tq]`) and
-/// `Δ = rowsum(dO ⊙ O)` (`[group, tq]`).
-struct BackwardTask<'a> {
+/// A backward task's buffers: padded copies of its inputs (made by the task itself, so they
+/// are produced and consumed in its cache), the score tiles and the dK/dV accumulators.
+/// Created zeroed once per rayon job; every task of one call writes the same regions, so
+/// the padding stays zero.
+struct BackwardWork {
+    /// `[group, tq_pad, dp]` queries and output gradients of the group's heads.
+    q: Scratch,
+    dout: Scratch,
+    /// `[group, tq]` log-sum-exps and `Δ = rowsum(dO ⊙ O)`.
+    lse: Scratch,
+    delta: Scratch,
+    /// `[kv_pad, dp]` keys; `[dp, kv_pad]` keys and values transposed.
+    k: Scratch,
+    kt: Scratch,
+    vt: Scratch,
+    /// `[BQ, BK]` probabilities and dP / dS.
+    p: Scratch,
+    ds: Scratch,
+    /// `[BK, dp]` dK and dV accumulators of one key tile.
+    dk: Scratch,
+    dv: Scratch,
+}
+
+impl BackwardWork {
+    fn new(g: &Geometry) -> Self {
+        let (dp, gq) = (g.dp, g.group * g.tq_pad * g.dp);
+        BackwardWork {
+            q: Scratch::zeroed(gq),
+            dout: Scratch::zeroed(gq),
+            lse: Scratch::zeroed(g.group * g.s.q_len),
+            delta: Scratch::zeroed(g.group * g.s.q_len),
+            k: Scratch::zeroed(g.kv_pad * dp),
+            kt: Scratch::zeroed(g.kv_pad * dp),
+            vt: Scratch::zeroed(g.kv_pad * dp),
+            p: Scratch::zeroed(BQ * BK),
+            ds: Scratch::zeroed(BQ * BK),
+            dk: Scratch::zeroed(BK * dp),
+            dv: Scratch::zeroed(BK * dp),
+        }
+    }
+}
+
+/// The backward op's inputs as given.
+struct BackwardInputs<'a> {
     q: &'a [f32],
-    dout: &'a [f32],
     k: &'a [f32],
-    kt: &'a [f32],
-    vt: &'a [f32],
+    v: &'a [f32],
+    out: &'a [f32],
     lse: &'a [f32],
-    delta: &'a [f32],
+    dout: &'a [f32],
 }
 
 multiversion! {
     fn backward_group(
         g: &Geometry,
-        w: &mut Work,
-        x: &BackwardTask<'_>,
+        w: &mut BackwardWork,
+        x: &BackwardInputs<'_>,
+        b: usize,
+        kvh: usize,
         dq: &mut [f32],
         dk: &mut [f32],
         dv: &mut [f32],
     ) = backward_group_impl;
 }
 
-/// One backward task: a KV head of one batch row with the query heads that read it.
-/// `dq` is `[group, tq_pad, dp]` (accumulated into, unscaled), `dk`/`dv` are `[kv_len, d]`
-/// (written for the keys some query sees; the rest stays zero).
+/// One backward task: KV head `kvh` of batch row `b` with the query heads that read it.
+/// `dq` is `[group, tq_pad, dp]` (unscaled), `dk`/`dv` are `[kv_len, d]`, written for the
+/// keys some query sees.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn backward_group_impl<M: Mode>(
     g: &Geometry,
-    w: &mut Work,
-    x: &BackwardTask<'_>,
+    w: &mut BackwardWork,
+    x: &BackwardInputs<'_>,
+    b: usize,
+    kvh: usize,
     dq: &mut [f32],
     dk: &mut [f32],
     dv: &mut [f32],
 ) {
     let (s, d, dp) = (g.s, g.d, g.dp);
     let (tq, tq_pad, kv_pad) = (s.q_len, g.tq_pad, g.kv_pad);
+    let (hq, hkv) = (s.q_heads, s.kv_heads);
     let scale = s.scale;
     let kv_end = (s.q_pos0 + tq).min(s.kv_len);
+    // Padded copies of this task's inputs (keys past kv_end are never needed).
+    for hg in 0..g.group {
+        let h = kvh * g.group + hg;
+        let o = (b * tq * hq + h) * d;
+        let end = o + (tq - 1) * hq * d + d;
+        let rows = hg * tq_pad * dp..(hg * tq_pad + tq) * dp;
+        copy_rows_impl::<M>(&mut w.q[rows.clone()], dp, &x.q[o..end], hq * d, d);
+        copy_rows_impl::<M>(&mut w.dout[rows], dp, &x.dout[o..end], hq * d, d);
+        let lse_h = &x.lse[(b * hq + h) * tq..(b * hq + h + 1) * tq];
+        w.lse[hg * tq..(hg + 1) * tq].copy_from_slice(lse_h);
+        for (i, dl) in w.delta[hg * tq..(hg + 1) * tq].iter_mut().enumerate() {
+            let r = o + i * hq * d..o + i * hq * d + d;
+            *dl = simd::dot::<M>(&x.dout[r.clone()], &x.out[r]);
+        }
+    }
+    if kv_end > 0 {
+        let o = (b * s.kv_stride * hkv + kvh) * d;
+        let end = o + (kv_end - 1) * hkv * d + d;
+        copy_rows_impl::<M>(&mut w.k[..kv_end * dp], dp, &x.k[o..end], hkv * d, d);
+        transpose_rows_impl::<M>(&mut w.kt, kv_pad, &x.k[o..end], hkv * d, d, kv_end);
+        transpose_rows_impl::<M>(&mut w.vt, kv_pad, &x.v[o..end], hkv * d, d, kv_end);
+    }
+    dq.fill(0.0);
     for j0 in (0..kv_end).step_by(BK) {
         let nk = BK.min(kv_end - j0);
         w.dk.fill(0.0);
@@ -664,34 +713,32 @@ fn backward_group_impl<M: Mode>(
         // The first query that sees key j0, rounded down to the row block.
         let i_first = j0.saturating_sub(s.q_pos0) / ROWS * ROWS;
         for hg in 0..g.group {
-            let q_h = &x.q[hg * tq_pad * dp..(hg + 1) * tq_pad * dp];
-            let do_h = &x.dout[hg * tq_pad * dp..(hg + 1) * tq_pad * dp];
-            let lse_h = &x.lse[hg * tq..(hg + 1) * tq];
-            let delta_h = &x.delta[hg * tq..(hg + 1) * tq];
+            let q_h = &w.q[hg * tq_pad * dp..(hg + 1) * tq_pad * dp];
+            let do_h = &w.dout[hg * tq_pad * dp..(hg + 1) * tq_pad * dp];
+            let lse_h = &w.lse[hg * tq..(hg + 1) * tq];
+            let delta_h = &w.delta[hg * tq..(hg + 1) * tq];
             for i0 in (i_first..tq).step_by(BQ) {
                 let rows = BQ.min(tq - i0);
                 let mp = round_up(rows, ROWS);
-                let (q_t, do_t) = (
-                    &q_h[i0 * dp..(i0 + mp) * dp],
-                    &do_h[i0 * dp..(i0 + mp) * dp],
-                );
+                let q_t = &q_h[i0 * dp..(i0 + mp) * dp];
+                let do_t = &do_h[i0 * dp..(i0 + mp) * dp];
                 // S = Q·Kᵀ, then P = exp(scale·S − lse) on visible entries, 0 elsewhere.
                 gemm::<M>(
                     mp,
                     BK,
-                    dp,
+                    d,
                     q_t,
                     dp,
                     1,
-                    &x.kt[j0..],
+                    &w.kt[j0..],
                     kv_pad,
-                    &mut w.s,
+                    &mut w.p,
                     BK,
                     false,
                 );
                 for r in 0..mp {
                     let prow: &mut [f32; BK] =
-                        (&mut w.s[r * BK..(r + 1) * BK]).try_into().expect("BK");
+                        (&mut w.p[r * BK..(r + 1) * BK]).try_into().expect("BK");
                     let last = if r < rows {
                         g.last_visible(i0 + r, j0, nk)
                     } else {
@@ -714,16 +761,16 @@ fn backward_group_impl<M: Mode>(
                     }
                 }
                 // dV += Pᵀ·dO
-                gemm::<M>(BK, dp, mp, &w.s, 1, BK, do_t, dp, &mut w.dv, dp, true);
+                gemm::<M>(BK, dp, mp, &w.p, 1, BK, do_t, dp, &mut w.dv, dp, true);
                 // dP = dO·Vᵀ; dS = P ⊙ (dP − Δ)
                 gemm::<M>(
                     mp,
                     BK,
-                    dp,
+                    d,
                     do_t,
                     dp,
                     1,
-                    &x.vt[j0..],
+                    &w.vt[j0..],
                     kv_pad,
                     &mut w.ds,
                     BK,
@@ -731,7 +778,7 @@ fn backward_group_impl<M: Mode>(
                 );
                 for r in 0..mp {
                     let dl = if r < rows { delta_h[i0 + r] } else { 0.0 };
-                    let prow: &[f32; BK] = (&w.s[r * BK..(r + 1) * BK]).try_into().expect("BK");
+                    let prow: &[f32; BK] = (&w.p[r * BK..(r + 1) * BK]).try_into().expect("BK");
                     let dsrow: &mut [f32; BK] =
                         (&mut w.ds[r * BK..(r + 1) * BK]).try_into().expect("BK");
                     for (ds, &p) in dsrow.iter_mut().zip(prow) {
@@ -748,7 +795,7 @@ fn backward_group_impl<M: Mode>(
                     &w.ds,
                     BK,
                     1,
-                    &x.k[j0 * dp..],
+                    &w.k[j0 * dp..],
                     dp,
                     dq_t,
                     dp,
@@ -769,16 +816,6 @@ fn backward_group_impl<M: Mode>(
     }
 }
 
-multiversion! { fn row_dots(a: &[f32], b: &[f32], d: usize, stride: usize, out: &mut [f32]) = row_dots_impl; }
-/// `out[t] = a[t·stride..][..d] · b[t·stride..][..d]`.
-#[inline(always)]
-fn row_dots_impl<M: Mode>(a: &[f32], b: &[f32], d: usize, stride: usize, out: &mut [f32]) {
-    for (t, o) in out.iter_mut().enumerate() {
-        let r = t * stride..t * stride + d;
-        *o = simd::dot::<M>(&a[r.clone()], &b[r]);
-    }
-}
-
 /// Backward of [`forward`] (see the module docs); overwrites `dq`, `dk`, `dv`.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
@@ -795,97 +832,61 @@ pub fn backward(
 ) {
     let op = "attention_backward";
     let group = check_attn(op, s, q.len(), (k.len(), v.len()), out.len());
-    assert_eq!(
-        dout.len(),
-        q.len(),
-        "{op}: dout has {} elements, not {}",
-        dout.len(),
-        q.len()
-    );
-    assert_eq!(
-        dq.len(),
-        q.len(),
-        "{op}: dq has {} elements, not {}",
-        dq.len(),
-        q.len()
-    );
-    assert_eq!(
-        dk.len(),
-        k.len(),
-        "{op}: dk has {} elements, not {}",
-        dk.len(),
-        k.len()
-    );
-    assert_eq!(
-        dv.len(),
-        v.len(),
-        "{op}: dv has {} elements, not {}",
-        dv.len(),
-        v.len()
-    );
-    assert_eq!(
-        lse.len(),
-        s.batch * s.q_heads * s.q_len,
-        "{op}: lse has {} elements ({s:?})",
-        lse.len()
-    );
+    for (name, len, want) in [
+        ("dout", dout.len(), q.len()),
+        ("dq", dq.len(), q.len()),
+        ("dk", dk.len(), k.len()),
+        ("dv", dv.len(), v.len()),
+        ("lse", lse.len(), s.batch * s.q_heads * s.q_len),
+    ] {
+        assert_eq!(
+            len, want,
+            "{op}: {name} has {len} elements, not {want} ({s:?})"
+        );
+    }
     let g = Geometry::new(s, group);
-    let (d, dp, tq, tq_pad, kv_pad) = (g.d, g.dp, s.q_len, g.tq_pad, g.kv_pad);
-    let (b_, hq, hkv) = (s.batch, s.q_heads, s.kv_heads);
-    let tasks = b_ * hkv;
+    let (d, dp, tq, tq_pad) = (g.d, g.dp, s.q_len, g.tq_pad);
+    let (hq, hkv) = (s.q_heads, s.kv_heads);
+    let tasks = s.batch * hkv;
     if tasks == 0 || tq == 0 {
         dq.fill(0.0);
         dk.fill(0.0);
         dv.fill(0.0);
         return;
     }
-    let qp = pad_head_major(q, b_, tq, tq, hq, d, tq_pad, dp);
-    let dop = pad_head_major(dout, b_, tq, tq, hq, d, tq_pad, dp);
-    let kp = pad_head_major(k, b_, s.kv_stride, s.kv_len, hkv, d, kv_pad, dp);
-    let kt = transpose_head_major(k, b_, s.kv_stride, s.kv_len, hkv, d, kv_pad, dp);
-    let vt = transpose_head_major(v, b_, s.kv_stride, s.kv_len, hkv, d, kv_pad, dp);
-    // Δ[b, h, i] = dO·O, laid out like lse.
-    let mut delta = Scratch::zeroed(lse.len());
-    delta.par_chunks_mut(tq).enumerate().for_each(|(bh, dl)| {
-        let (b, h) = (bh / hq, bh % hq);
-        let o = (b * tq * hq + h) * d;
-        let end = o + (tq - 1) * hq * d + d;
-        row_dots(&dout[o..end], &out[o..end], d, hq * d, dl);
-    });
-    let mut dq_s = Scratch::zeroed(tasks * group * tq_pad * dp);
-    let kv_rows = s.kv_len.max(1);
-    let mut dk_s = Scratch::zeroed(tasks * kv_rows * d);
-    let mut dv_s = Scratch::zeroed(tasks * kv_rows * d);
-    let (gq, gk) = (group * tq_pad * dp, kv_pad * dp);
-    dq_s.par_chunks_mut(gq)
+    // Per task: dq as [hg, i, dp] (so all of it is [b, h, i, dp]), dk and dv as [j, d].
+    let kv_end = (s.q_pos0 + tq).min(s.kv_len);
+    let kv_rows = kv_end.max(1);
+    let mut dq_s = Scratch::reused(tasks * group * tq_pad * dp);
+    let mut dk_s = Scratch::reused(tasks * kv_rows * d);
+    let mut dv_s = Scratch::reused(tasks * kv_rows * d);
+    let x = BackwardInputs {
+        q,
+        k,
+        v,
+        out,
+        lse,
+        dout,
+    };
+    dq_s.par_chunks_mut(group * tq_pad * dp)
         .zip(dk_s.par_chunks_mut(kv_rows * d))
         .zip(dv_s.par_chunks_mut(kv_rows * d))
         .enumerate()
         .for_each_init(
-            || Work::backward(dp),
+            || BackwardWork::new(&g),
             |w, (t, ((dq_t, dk_t), dv_t))| {
-                let x = BackwardTask {
-                    q: &qp[t * gq..(t + 1) * gq],
-                    dout: &dop[t * gq..(t + 1) * gq],
-                    k: &kp[t * gk..(t + 1) * gk],
-                    kt: &kt[t * gk..(t + 1) * gk],
-                    vt: &vt[t * gk..(t + 1) * gk],
-                    lse: &lse[t * group * tq..(t + 1) * group * tq],
-                    delta: &delta[t * group * tq..(t + 1) * group * tq],
-                };
-                backward_group(&g, w, &x, dq_t, dk_t, dv_t);
+                backward_group(&g, w, &x, t / hkv, t % hkv, dq_t, dk_t, dv_t);
             },
         );
-    // dq_s is [b, kvh, hg, i, dp] = [b, h, i, dp]
     to_token_major(&dq_s, tq_pad, dp, dq, tq, hq, d, s.scale);
-    // dk_s, dv_s are [b, kvh, j, d]; rows kv_len..kv_stride of dk, dv are zero.
+    // Keys no query sees (and spare cache rows) get zero gradients.
     for (src, dst) in [(&*dk_s, &mut *dk), (&*dv_s, &mut *dv)] {
         dst.par_chunks_mut(hkv * d)
             .enumerate()
             .with_min_len(16)
             .for_each(|(bj, row)| {
                 let (b, j) = (bj / s.kv_stride, bj % s.kv_stride);
-                if j >= s.kv_len {
+                if j >= kv_end {
                     row.fill(0.0);
                     return;
                 }

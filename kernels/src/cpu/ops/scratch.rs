@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use std::ops::{Deref, DerefMut};
 
 /// Buffers kept per thread between calls (the largest ones).
-const KEEP: usize = 12;
+const KEEP: usize = 16;
 
 thread_local! {
     static FREE: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
@@ -18,6 +18,22 @@ pub(crate) struct Scratch(Vec<f32>);
 impl Scratch {
     /// `n` zeros, in the smallest kept buffer that holds them (or a new one).
     pub(crate) fn zeroed(n: usize) -> Self {
+        let mut buf = Self::take(n);
+        buf.clear();
+        buf.resize(n, 0.0);
+        Scratch(buf)
+    }
+
+    /// `n` floats with whatever values a reused buffer held (zeros where it was shorter),
+    /// for callers that overwrite every element they read.
+    pub(crate) fn reused(n: usize) -> Self {
+        let mut buf = Self::take(n);
+        buf.truncate(n);
+        buf.resize(n, 0.0);
+        Scratch(buf)
+    }
+
+    fn take(n: usize) -> Vec<f32> {
         let reused = FREE.with(|free| {
             let mut free = free.borrow_mut();
             let best = free
@@ -28,10 +44,7 @@ impl Scratch {
                 .map(|(i, _)| i);
             best.map(|i| free.swap_remove(i))
         });
-        let mut buf = reused.unwrap_or_default();
-        buf.clear();
-        buf.resize(n, 0.0);
-        Scratch(buf)
+        reused.unwrap_or_default()
     }
 }
 
@@ -89,5 +102,8 @@ mod tests {
         let c = Scratch::zeroed(2000);
         assert_eq!(c.len(), 2000);
         assert!(c.iter().all(|&x| x == 0.0));
+        drop(c);
+        let d = Scratch::reused(1500);
+        assert_eq!(d.len(), 1500);
     }
 }

@@ -203,14 +203,25 @@ pub(crate) fn exp<M: Mode>(x: f32) -> f32 {
 #[inline(always)]
 pub(crate) fn max<M: Mode>(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
-    let mut chunks = x.chunks_exact(LANES);
-    for c in &mut chunks {
+    let (chunks, tail) = x.as_chunks::<LANES>();
+    for c in chunks {
         for l in 0..LANES {
             acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
         }
     }
-    let mut m = f32::NEG_INFINITY;
-    for &v in acc.iter().chain(chunks.remainder()) {
+    let mut w = LANES / 2;
+    while w > 0 {
+        for l in 0..w {
+            acc[l] = if acc[l + w] > acc[l] {
+                acc[l + w]
+            } else {
+                acc[l]
+            };
+        }
+        w /= 2;
+    }
+    let mut m = acc[0];
+    for &v in tail {
         m = if v > m { v } else { m };
     }
     m
@@ -220,17 +231,16 @@ pub(crate) fn max<M: Mode>(x: &[f32]) -> f32 {
 #[inline(always)]
 pub(crate) fn dot<M: Mode>(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
+    let (ca, ta) = a[..n].as_chunks::<LANES>();
+    let (cb, tb) = b[..n].as_chunks::<LANES>();
     let mut acc = [0.0f32; LANES];
-    let mut ca = a.chunks_exact(LANES);
-    let mut cb = b.chunks_exact(LANES);
-    for (x, y) in (&mut ca).zip(&mut cb) {
+    for (x, y) in ca.iter().zip(cb) {
         for l in 0..LANES {
             acc[l] = M::fma(x[l], y[l], acc[l]);
         }
     }
     let mut s = 0.0f32;
-    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+    for (x, y) in ta.iter().zip(tb) {
         s = M::fma(*x, *y, s);
     }
     hsum(&acc) + s
