@@ -31,16 +31,37 @@ pub struct MergeArgs {
 }
 
 /// Files copied unchanged from the base directory when present.
-const COPIED: [&str; 4] = [
+const COPIED: [&str; 5] = [
     "tokenizer.json",
+    "tokenizer.model",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "generation_config.json",
 ];
 
+/// Whether `out` names the directory `model` (also through `./`, `..`, an absolute path or a
+/// symlink).
+fn same_dir(out: &Path, model: &Path) -> bool {
+    if out == model {
+        return true;
+    }
+    match (std::fs::canonicalize(out), std::fs::canonicalize(model)) {
+        (Ok(o), Ok(m)) => o == m,
+        _ => false,
+    }
+}
+
 pub fn run_merge(a: &MergeArgs) -> Result<()> {
-    if a.out == a.model {
-        bail!("--out must differ from --model (the base is read while the merge is written)");
+    if same_dir(&a.out, &a.model) {
+        bail!(
+            "--out {} is the --model directory {}: the base is read while the merge is written; \
+             choose another --out",
+            a.out.display(),
+            a.model.display()
+        );
+    }
+    if a.out.exists() && !a.out.is_dir() {
+        bail!("--out {} exists and is not a directory", a.out.display());
     }
     let config = LlamaConfig::load(&a.model)?;
     let ckpt = Checkpoint::open(&a.model)?;
@@ -120,6 +141,9 @@ pub fn run_merge(a: &MergeArgs) -> Result<()> {
     Ok(())
 }
 
+/// A `[r, in]`, B `[out, r]` and in_features of one targeted projection.
+type LoraPair<'t> = (&'t [f32], &'t [f32], usize);
+
 /// For a base tensor that the adapter targets: (A `[r, in]`, B `[out, r]`, in_features).
 fn lora_pair<'t>(
     c: &LlamaConfig,
@@ -127,7 +151,7 @@ fn lora_pair<'t>(
     tensors: &'t [Tensor],
     name: &str,
     origin: &str,
-) -> Result<Option<(&'t [f32], &'t [f32], usize)>> {
+) -> Result<Option<LoraPair<'t>>> {
     let Some(rest) = name.strip_prefix("model.layers.") else {
         return Ok(None);
     };
