@@ -83,10 +83,18 @@ pub struct LoraArgs {
     #[arg(long = "lora-r", default_value_t = 8)]
     pub r: usize,
     /// LoRA alpha (scaling = alpha / r, or alpha / sqrt(r) with --rslora).
-    #[arg(long = "lora-alpha", default_value_t = 16.0)]
+    #[arg(
+        long = "lora-alpha",
+        default_value_t = 16.0,
+        allow_negative_numbers = true
+    )]
     pub alpha: f32,
     /// Dropout on the LoRA input (PEFT's lora_dropout).
-    #[arg(long = "lora-dropout", default_value_t = 0.05)]
+    #[arg(
+        long = "lora-dropout",
+        default_value_t = 0.05,
+        allow_negative_numbers = true
+    )]
     pub dropout: f32,
     /// Projections that get adapters: a comma list of q,k,v,o,gate,up,down, or all.
     #[arg(long, default_value = "q,k,v,o,gate,up,down")]
@@ -137,18 +145,18 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1)]
     pub grad_accum: usize,
     /// Learning rate.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, allow_negative_numbers = true)]
     pub lr: f32,
     #[arg(long, value_enum, default_value_t = OptimizerArg::Adamw)]
     pub optimizer: OptimizerArg,
     /// Weight decay (AdamW: decoupled; SGD: L2).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub weight_decay: f32,
     /// SGD momentum.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub momentum: f32,
     /// Clip the global gradient norm to this (0 = off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub max_grad_norm: f32,
     /// Linear learning-rate warmup steps.
     #[arg(long, default_value_t = 0)]
@@ -163,6 +171,43 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
+    /// Checks the numeric flags (before any file is read).
+    pub fn validate(&self) -> Result<()> {
+        for (flag, v) in [
+            ("--steps", self.steps),
+            ("--batch", self.batch),
+            ("--seq", self.seq),
+            ("--grad-accum", self.grad_accum),
+        ] {
+            if v == 0 {
+                bail!("{flag} must be at least 1");
+            }
+        }
+        self.optimizer()?;
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            bail!(
+                "--weight-decay must be a non-negative number, got {}",
+                self.weight_decay
+            );
+        }
+        if !(self.momentum.is_finite() && (0.0..1.0).contains(&self.momentum)) {
+            bail!("--momentum must be in [0, 1), got {}", self.momentum);
+        }
+        if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
+            bail!(
+                "--max-grad-norm must be a non-negative number (0 = off), got {}",
+                self.max_grad_norm
+            );
+        }
+        if self.adapter_init.is_none() {
+            self.lora.config()?;
+        }
+        if self.out.exists() && !self.out.is_dir() {
+            bail!("--out {} exists and is not a directory", self.out.display());
+        }
+        Ok(())
+    }
+
     pub fn optimizer(&self) -> Result<Optimizer> {
         if !(self.lr.is_finite() && self.lr > 0.0) {
             bail!("--lr must be a positive number, got {}", self.lr);
@@ -230,10 +275,45 @@ impl Default for Progress {
     }
 }
 
+/// Keeps the examples with at least one target token within their first `seq + 1` tokens
+/// (the part a training row sees); fails when none is left, naming the data file.
+fn trainable_examples(examples: Vec<Example>, seq: usize, data: &Path) -> Result<Vec<Example>> {
+    let total = examples.len();
+    let kept: Vec<Example> = examples
+        .into_iter()
+        .filter(|e| e.is_target.iter().take(seq + 1).skip(1).any(|&t| t))
+        .collect();
+    if kept.is_empty() {
+        bail!(
+            "{}: none of the {total} examples has a target token within the first --seq {seq} \
+             tokens (prompts are masked from the loss); raise --seq",
+            data.display()
+        );
+    }
+    if kept.len() < total {
+        eprintln!(
+            "warning: {}: skipping {} of {total} examples with no target token within the \
+             first --seq {seq} tokens",
+            data.display(),
+            total - kept.len()
+        );
+    }
+    Ok(kept)
+}
+
 pub fn run_train(a: &TrainArgs) -> Result<()> {
+    a.validate()?;
     let be = a.compute.backend()?;
     let lm = load_model(&be, &a.model)?;
-    let examples = load_examples(&a.data, &lm.tokenizer)?;
+    if a.seq > lm.model.rope_positions {
+        bail!(
+            "--seq {} exceeds max_position_embeddings {} of {}",
+            a.seq,
+            lm.model.rope_positions,
+            a.model.join("config.json").display()
+        );
+    }
+    let examples = trainable_examples(load_examples(&a.data, &lm.tokenizer)?, a.seq, &a.data)?;
     let mut lora = match &a.adapter_init {
         Some(dir) => load_lora(&be, &lm.model, dir)?,
         None => Lora::init(&be, &lm.model.config, a.lora.config()?, a.seed)?,
@@ -338,6 +418,11 @@ pub struct EvalArgs {
 }
 
 pub fn run_eval(a: &EvalArgs) -> Result<EvalReport> {
+    for (flag, v) in [("--batch", a.batch), ("--seq", a.seq)] {
+        if v == 0 {
+            bail!("{flag} must be at least 1");
+        }
+    }
     let be = a.compute.backend()?;
     let lm = load_model(&be, &a.model)?;
     let examples = load_examples(&a.data, &lm.tokenizer)?;
@@ -350,6 +435,25 @@ pub fn run_eval(a: &EvalArgs) -> Result<EvalReport> {
         progress.update(d.min(t), t, "examples")
     })?;
     progress.finish();
+    if report.overall.tokens == 0 {
+        bail!(
+            "{}: no target tokens to evaluate (every label is masked or cut by --seq {})",
+            a.data.display(),
+            a.seq
+        );
+    }
+    if !report.overall.loss.is_finite() {
+        bail!(
+            "the loss on {} is not finite ({}): the weights in {}{} hold non-finite values",
+            a.data.display(),
+            report.overall.loss,
+            a.model.display(),
+            a.adapter
+                .as_ref()
+                .map(|d| format!(" or the adapter {}", d.display()))
+                .unwrap_or_default()
+        );
+    }
     Ok(report)
 }
 
@@ -408,10 +512,10 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 64)]
     pub max_tokens: usize,
     /// Sampling temperature (0 = greedy).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f32,
     /// Nucleus sampling: keep the smallest set of tokens with this much probability.
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
     pub top_p: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -420,6 +524,21 @@ pub struct GenerateArgs {
 }
 
 pub fn run_generate(a: &GenerateArgs) -> Result<String> {
+    if a.prompt.is_empty() {
+        bail!("--prompt is empty");
+    }
+    if a.max_tokens == 0 {
+        bail!("--max-tokens must be at least 1");
+    }
+    if !(a.temperature.is_finite() && a.temperature >= 0.0) {
+        bail!(
+            "--temperature must be a non-negative number (0 = greedy), got {}",
+            a.temperature
+        );
+    }
+    if !(0.0..=1.0).contains(&a.top_p) {
+        bail!("--top-p must be in [0, 1], got {}", a.top_p);
+    }
     let be = a.compute.backend()?;
     let lm = load_model(&be, &a.model)?;
     let lora = match &a.adapter {

@@ -409,6 +409,9 @@ pub fn generate<B: Backend>(
     if prompt.is_empty() {
         bail!("the prompt is empty");
     }
+    if max_tokens == 0 {
+        bail!("max_tokens must be at least 1");
+    }
     let capacity = (prompt.len() + max_tokens).min(model.rope_positions);
     if prompt.len() >= capacity {
         bail!(
@@ -423,6 +426,14 @@ pub fn generate<B: Backend>(
     let mut rng = Sampler::new(0, sampling.seed);
     let mut out = Vec::new();
     while out.len() < max_tokens {
+        if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
+            bail!(
+                "the logits after {} tokens are not finite (logit {i} is {}): the model or \
+                 adapter weights hold non-finite values",
+                cache.len,
+                logits[i]
+            );
+        }
         let next = sample(&logits, sampling, &mut rng);
         out.push(next);
         on_token(next);
