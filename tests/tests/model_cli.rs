@@ -1000,34 +1000,38 @@ fn bad_model_directories_fail_cleanly() {
 fn non_finite_base_weights_are_reported_not_evaluated() {
     let sh = shared();
     let data = sh.domain("recipes");
-    let nan = model_copy("nanbase", &["model.safetensors"]);
-    // Overwrite one whole weight matrix with NaN, by hand.
     let path = sh.model.join("model.safetensors");
-    let mut bytes = fs::read(&path).unwrap();
     let header = safetensors_header(&path);
-    let start = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let t = &header["model.layers.0.mlp.down_proj.weight"];
+    let t = &header["model.layers.0.self_attn.q_proj.weight"];
     assert_eq!(t["dtype"], "F32", "the tiny preset stores f32");
-    let (a, b) = (
-        u(&t["data_offsets"][0], "start") as usize,
-        u(&t["data_offsets"][1], "end") as usize,
-    );
-    for c in bytes[start + a..start + b].chunks_mut(4) {
-        c.copy_from_slice(&f32::NAN.to_le_bytes());
+    let a = u(&t["data_offsets"][0], "start") as usize;
+    // One value is enough: a single +inf, then a single NaN, in one q_proj element.
+    for (tag, bad) in [("infbase", f32::INFINITY), ("nanbase", f32::NAN)] {
+        let copy = model_copy(tag, &["model.safetensors"]);
+        let mut bytes = fs::read(&path).unwrap();
+        let start = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let at = start + a + 4 * 1234;
+        bytes[at..at + 4].copy_from_slice(&bad.to_le_bytes());
+        fs::write(copy.join("model.safetensors"), bytes).unwrap();
+        let r = fedcdd([
+            "eval",
+            "--model",
+            &s(copy.path()),
+            "--data",
+            &s(&data),
+            "--threads",
+            THREADS,
+        ]);
+        expect_error(
+            &r,
+            &["model.layers.0.self_attn.q_proj.weight", "NaN or infinite"],
+        );
+        let r = generate(copy.path(), None, "Recipe", &["--max-tokens", "3"]);
+        expect_error(
+            &r,
+            &["model.layers.0.self_attn.q_proj.weight", "NaN or infinite"],
+        );
     }
-    fs::write(nan.join("model.safetensors"), bytes).unwrap();
-    let r = fedcdd([
-        "eval",
-        "--model",
-        &s(nan.path()),
-        "--data",
-        &s(&data),
-        "--threads",
-        THREADS,
-    ]);
-    expect_error(&r, &["not finite"]);
-    let r = generate(nan.path(), None, "Recipe", &["--max-tokens", "3"]);
-    expect_error(&r, &["not finite"]);
 }
 
 #[test]

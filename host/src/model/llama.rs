@@ -4,7 +4,8 @@
 
 use anyhow::{Context, Result, bail};
 use fedcdd_kernels::{
-    AttnShape, Backend, Copy2d, LoraDims, LossSum, RopeScaling, RopeShape, RopeTable,
+    AttnShape, Backend, Copy2d, LoraDims, LossSum, RopeScaling, RopeShape, RopeTable, WeightDType,
+    WeightSource,
 };
 
 use super::checkpoint::Checkpoint;
@@ -45,6 +46,8 @@ impl<B: Backend> Model<B> {
         let h = c.hidden_size;
         let w = |name: &str, shape: &[usize]| -> Result<B::Weight> {
             let src = ckpt.weight(name, shape)?;
+            check_finite(&src)
+                .with_context(|| format!("{}: tensor {name}", ckpt.origin().display()))?;
             backend
                 .weight(&src)
                 .map_err(|e| anyhow::anyhow!("tensor {name}: {e}"))
@@ -86,6 +89,38 @@ impl<B: Backend> Model<B> {
 
     fn lm_head(&self) -> &B::Weight {
         self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+}
+
+/// Rejects a weight holding NaN or ±inf (one bad value would silently poison every loss).
+/// Integer tests on the exponent bits, in parallel: a pass over the mapping at load time.
+fn check_finite(src: &WeightSource) -> Result<()> {
+    use rayon::prelude::*;
+    let bytes = &(*src.bytes).as_ref()[src.offset..src.offset + src.byte_len()];
+    let bad = match src.dtype {
+        WeightDType::F32 => bytes.par_chunks(1 << 16).position_first(|c| {
+            c.chunks_exact(4)
+                .any(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7F80_0000 == 0x7F80_0000)
+        }),
+        WeightDType::F16 | WeightDType::Bf16 => {
+            let mask = if src.dtype == WeightDType::F16 {
+                0x7C00
+            } else {
+                0x7F80
+            };
+            bytes.par_chunks(1 << 16).position_first(|c| {
+                c.chunks_exact(2)
+                    .any(|b| u16::from_le_bytes([b[0], b[1]]) & mask == mask)
+            })
+        }
+    };
+    match bad {
+        Some(chunk) => bail!(
+            "holds a NaN or infinite value (in bytes {}..{} of the tensor)",
+            chunk << 16,
+            ((chunk + 1) << 16).min(bytes.len())
+        ),
+        None => Ok(()),
     }
 }
 
