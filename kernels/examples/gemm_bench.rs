@@ -170,6 +170,9 @@ fn main() {
             ("1.1B gate/up", 512, 5632, 2048),
             ("1.1B down", 512, 2048, 5632),
             ("1.1B lm_head", 512, 32000, 2048),
+            ("1.1B decode gate/up", 1, 5632, 2048),
+            ("1.1B decode lm_head", 1, 32000, 2048),
+            ("1.1B decode-8 lm_head", 8, 32000, 2048),
         ]);
     }
     let keep = |name: &str| o.filter.as_deref().is_none_or(|f| name.contains(f));
@@ -227,7 +230,7 @@ fn main() {
         }
         // LoRA r = 8 on the tiny preset's projections.
         for &(name, m, n, k) in &shapes {
-            if !keep(name) || name.contains("lm_head") {
+            if !keep(name) || name.contains("lm_head") || name.contains("decode") {
                 continue;
             }
             let r = 8;

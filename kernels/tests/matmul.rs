@@ -99,8 +99,9 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], k: usize) {
 const DTYPES: [WeightDType; 3] = [WeightDType::F32, WeightDType::F16, WeightDType::Bf16];
 
 /// (m, n, k): ones, odd sizes, edge tiles of the 14×32 (and 6×16, 4×16) microkernels, more
-/// than one k block (k > 384) and more than one column block of packed B (n·k > 256 Ki).
-const SHAPES: [(usize, usize, usize); 12] = [
+/// than one k block (k > 384) and more than one column block of packed B (n·k > 256 Ki);
+/// m ≤ 16 with a transposed B takes the unpacked path (rows widened piecewise, k > 512).
+const SHAPES: [(usize, usize, usize); 13] = [
     (1, 1, 1),
     (1, 3, 17),
     (3, 17, 33),
@@ -111,6 +112,7 @@ const SHAPES: [(usize, usize, usize); 12] = [
     (33, 1, 64),
     (100, 65, 31),
     (5, 513, 7),
+    (2, 41, 1100),
     (31, 47, 777),
     (20, 800, 400),
 ];
@@ -333,7 +335,12 @@ fn results_do_not_depend_on_thread_count() {
     let mut rng = Rng::new(4);
     let cpus = [fast(1), fast(2), fast(3)];
     // Shapes whose row blocks and panel groups split differently for 1, 2 and 3 threads.
-    for &(m, n, k) in &[(300, 200, 500), (40, 900, 64), (2048, 96, 40)] {
+    for &(m, n, k) in &[
+        (300, 200, 500),
+        (40, 900, 64),
+        (2048, 96, 40),
+        (3, 700, 300),
+    ] {
         let w = weight(&mut rng, n, k, WeightDType::Bf16);
         let x = rng.vec(m * k);
         let outs: Vec<Vec<f32>> = cpus

@@ -26,6 +26,7 @@
 //!   portable kernel
 //!   (plain Rust the compiler vectorises for the target's baseline).
 
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -70,6 +71,9 @@ pub(crate) struct GemmCall<'a> {
 const KC: usize = 384;
 /// The most values (f32) a packed block of B holds: 1 MiB, half a core's L2 here.
 const B_BLOCK: usize = 256 * 1024;
+/// Up to this many rows, products with a transposed B skip packing (see
+/// `lora::skinny_trans_b`).
+const SKINNY_M: usize = 16;
 /// About this many rows per parallel task.
 const MC: usize = 112;
 
@@ -238,6 +242,10 @@ pub(crate) fn gemm(simd: Simd, g: &GemmCall<'_>, c: &mut [f32]) {
         ldb >= if g.trans_b { k } else { n } && g.b.len() >= b_need,
         "gemm: B is too short"
     );
+    if g.trans_b && !g.trans_a && m <= SKINNY_M {
+        super::lora::skinny_trans_b(simd, g, c);
+        return;
+    }
 
     let (mr, nr) = (isa.mr, isa.nr);
     let kblocks = k.div_ceil(KC);
@@ -314,6 +322,37 @@ pub(crate) fn gemm(simd: Simd, g: &GemmCall<'_>, c: &mut [f32]) {
             pc += kc;
         }
         jc += nc;
+    }
+}
+
+/// `dst = b[at .. at + dst.len()]` widened to f32 (vector conversions where `simd` has them).
+pub(crate) fn widen(simd: Simd, b: BSrc<'_>, at: usize, dst: &mut [f32]) {
+    let len = dst.len();
+    match b {
+        BSrc::F32(s) => dst.copy_from_slice(&s[at..at + len]),
+        BSrc::F16(s) => {
+            #[cfg(target_arch = "x86_64")]
+            if simd == Simd::Avx512 {
+                simd.check();
+                // SAFETY: AVX-512F checked; `s[at..at + len]` exists (sliced).
+                unsafe { x86::widen_avx512::<1>(s[at..at + len].as_ptr().cast(), dst) };
+                return;
+            }
+            s[at..at + len].convert_to_f32_slice(dst)
+        }
+        BSrc::Bf16(s) => {
+            #[cfg(target_arch = "x86_64")]
+            if simd == Simd::Avx512 {
+                simd.check();
+                // SAFETY: as above.
+                unsafe { x86::widen_avx512::<2>(s[at..at + len].as_ptr().cast(), dst) };
+                return;
+            }
+            // A shift, which the compiler vectorises for any target.
+            for (d, v) in dst.iter_mut().zip(&s[at..at + len]) {
+                *d = f32::from_bits((v.to_bits() as u32) << 16);
+            }
+        }
     }
 }
 
@@ -811,6 +850,29 @@ mod x86 {
                 (false, 1) => pack_n::<1>(d, base, ldb, p0, kc, j0, w),
                 (false, _) => pack_n::<2>(d, base, ldb, p0, kc, j0, w),
             }
+        }
+    }
+
+    /// `dst[i] = src[i]` widened from dtype `DT` (1 f16, 2 bf16).
+    ///
+    /// # Safety
+    /// AVX-512F; `src` holds `dst.len()` elements.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn widen_avx512<const DT: u8>(src: *const u8, dst: &mut [f32]) {
+        let len = dst.len();
+        let mut i = 0;
+        while i < len {
+            let n = (len - i).min(16);
+            // SAFETY: elements i..i+n exist in src and dst.
+            unsafe {
+                let v = load16::<DT>(src, i, n);
+                if n == 16 {
+                    _mm512_storeu_ps(dst.as_mut_ptr().add(i), v);
+                } else {
+                    _mm512_mask_storeu_ps(dst.as_mut_ptr().add(i), ((1u32 << n) - 1) as u16, v);
+                }
+            }
+            i += 16;
         }
     }
 

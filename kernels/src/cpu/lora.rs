@@ -11,7 +11,7 @@
 //! the number of threads.
 use rayon::prelude::*;
 
-use super::gemm::Simd;
+use super::gemm::{BSrc, GemmCall, Simd, widen};
 use crate::LoraDims;
 
 /// Ranks are processed in groups of this many (matrices are zero-padded to a multiple).
@@ -461,6 +461,16 @@ unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 
 impl SyncPtr {
+    /// `len` values from offset `off`.
+    ///
+    /// # Safety
+    /// They exist and no other live reference touches them.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn at<'a>(&self, off: usize, len: usize) -> &'a mut [f32] {
+        // SAFETY: per the contract.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(off), len) }
+    }
+
     /// Rows `i0..i0+rows` of a row-major matrix with row stride `ld`.
     ///
     /// # Safety
@@ -640,5 +650,82 @@ pub(crate) fn backward(
     }
     for (dv, gv) in da[..r * k].iter_mut().zip(&ga[..r * k]) {
         *dv += gv;
+    }
+}
+
+/// `C = alpha · A · op(B) + beta · C` for a few rows of A with B stored `[n, k]` (`trans_b`,
+/// e.g. an `nn.Linear` weight in its dtype) and A row-major: B is read once, 8 rows at a
+/// time (widened to f32 when it is not f32 already), each dotted with every row of A. No
+/// packing: for a handful of rows, packing B would cost more than the products (decoding one
+/// token through `lm_head`). Threads split B's rows. The caller (`gemm`) checked every bound.
+pub(crate) fn skinny_trans_b(simd: Simd, g: &GemmCall<'_>, c: &mut [f32]) {
+    let GemmCall {
+        m,
+        n,
+        k,
+        alpha,
+        beta,
+        a,
+        lda,
+        b,
+        ldb,
+        ldc,
+        ..
+    } = *g;
+    debug_assert!(g.trans_b && !g.trans_a);
+    // B rows per task.
+    const JB: usize = 64;
+    let cp = SyncPtr(c.as_mut_ptr());
+    let run = |t: usize| {
+        let (j0, j1) = (t * JB, ((t + 1) * JB).min(n));
+        let mut wbuf: Vec<f32> = Vec::new();
+        let mut out = vec![0.0f32; m * RG];
+        let x = Mat { d: a, ld: lda };
+        let mut j = j0;
+        while j < j1 {
+            let w = RG.min(j1 - j);
+            let direct = match b {
+                BSrc::F32(s) if w == RG && ldb == k => Some(&s[j * k..(j + RG) * k]),
+                _ => None,
+            };
+            let rows: &[f32] = match direct {
+                Some(r) => r,
+                None => {
+                    wbuf.resize(RG * k, 0.0);
+                    wbuf[w * k..].fill(0.0);
+                    // The rows a piece at a time, so the memory system streams all of them
+                    // at once (one row after another waits on each page).
+                    const PIECE: usize = 512;
+                    for p in (0..k).step_by(PIECE) {
+                        let len = PIECE.min(k - p);
+                        for q in 0..w {
+                            let dst = &mut wbuf[q * k + p..q * k + p + len];
+                            widen(simd, b, (j + q) * ldb + p, dst);
+                        }
+                    }
+                    &wbuf
+                }
+            };
+            dots_any(simd, x, m, k, rows, w, 1.0, &mut out, RG);
+            for i in 0..m {
+                // SAFETY: columns j..j+w of row i are inside C (checked by `gemm`) and this
+                // task's alone (tasks own disjoint column ranges).
+                let crow = unsafe { cp.at(i * ldc + j, w) };
+                for (cv, &o) in crow.iter_mut().zip(&out[i * RG..i * RG + w]) {
+                    *cv = if beta == 0.0 {
+                        alpha * o
+                    } else {
+                        alpha * o + beta * *cv
+                    };
+                }
+            }
+            j += RG;
+        }
+    };
+    let tasks = n.div_ceil(JB);
+    if rayon::current_num_threads() > 1 && tasks > 1 {
+        (0..tasks).into_par_iter().for_each(run);
+    } else {
+        (0..tasks).for_each(run);
     }
 }
