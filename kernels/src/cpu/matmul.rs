@@ -4,8 +4,6 @@
 //! this CPU; the `*_with` forms take a [`Simd`] (tests check every set the CPU has).
 use std::time::Instant;
 
-use rayon::prelude::*;
-
 pub use super::gemm::Simd;
 use super::gemm::{self, BSrc, GemmCall, gemm};
 use super::{Cpu, CpuWeight, WeightSlice, lora};
@@ -250,19 +248,16 @@ pub fn measure_matmul_peak(cpu: &Cpu, seconds: f64) -> f64 {
 /// registers (the widest this CPU has) on every thread at once for about `seconds`. No
 /// matmul reaches it; it says how far from the hardware's limit the GEMM is.
 pub fn measure_fma_peak(cpu: &Cpu, seconds: f64) -> f64 {
-    let threads = cpu.threads();
-    // Calibrate one thread's rate, then run all threads for the given time.
+    // Calibrate one thread's rate, then run every thread of the pool for the given time.
     let probe = 1_000_000u64;
     let t = Instant::now();
     std::hint::black_box(gemm::fma_loop(probe));
     let per_iter = t.elapsed().as_secs_f64() / probe as f64;
     let iters = ((seconds / per_iter.max(1e-12)) as u64).max(probe);
     let t = Instant::now();
-    let flops: f64 = cpu.install(|| {
-        (0..threads)
-            .into_par_iter()
-            .map(|_| std::hint::black_box(gemm::fma_loop(iters)))
-            .sum()
-    });
+    let flops: f64 = cpu
+        .install(|| rayon::broadcast(|_| std::hint::black_box(gemm::fma_loop(iters))))
+        .iter()
+        .sum();
     flops / t.elapsed().as_secs_f64() / 1e9
 }
