@@ -3,8 +3,9 @@
 //!
 //! ```text
 //! cargo run --release -p fedcdd-kernels --example gemm_bench [-- --large] [--dtype bf16]
-//!     [--threads 1,2] [--seconds 0.3] [--filter lm_head]
+//!     [--threads 1,2] [--seconds 0.3] [--filter lm_head] [--simd avx2] [--cpu-time]
 //! ```
+//! `--simd avx2|portable` runs another instruction set's kernels than this CPU's best.
 //! `--large` adds TinyLlama-1.1B shapes (hidden 2048, intermediate 5632, vocab 32000, m=512).
 //! Each row runs the op repeatedly for about `--seconds` and prints the best and the median
 //! rate of those runs. `--cpu-time` times by process CPU time / threads instead of wall time
@@ -12,7 +13,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use fedcdd_kernels::cpu::matmul::{Simd, measure_fma_peak, measure_matmul_peak};
+use fedcdd_kernels::cpu::matmul::{self as mm, Simd, measure_fma_peak, measure_matmul_peak};
 use fedcdd_kernels::{Backend, Cpu, LoraDims, WeightDType, WeightSource};
 
 struct Opts {
@@ -22,6 +23,7 @@ struct Opts {
     seconds: f64,
     filter: Option<String>,
     cpu_time: bool,
+    simd: Simd,
 }
 
 fn parse() -> Result<Opts, String> {
@@ -32,6 +34,7 @@ fn parse() -> Result<Opts, String> {
         seconds: 0.3,
         filter: None,
         cpu_time: false,
+        simd: Simd::detect(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -55,6 +58,17 @@ fn parse() -> Result<Opts, String> {
             "--seconds" => o.seconds = val()?.parse().map_err(|e| format!("--seconds: {e}"))?,
             "--filter" => o.filter = Some(val()?),
             "--cpu-time" => o.cpu_time = true,
+            "--simd" => {
+                o.simd = match val()?.as_str() {
+                    "avx512" => Simd::Avx512,
+                    "avx2" => Simd::Avx2,
+                    "portable" => Simd::Portable,
+                    s => return Err(format!("--simd: avx512, avx2 or portable, not {s}")),
+                };
+                if !o.simd.available() {
+                    return Err(format!("--simd: this CPU cannot run {}", o.simd.name()));
+                }
+            }
             "--bench" => {} // passed by `cargo bench`
             _ => return Err(format!("unknown argument {a}")),
         }
@@ -150,11 +164,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    println!(
-        "GEMM kernel: {}; weights {:?}",
-        Simd::detect().name(),
-        o.dtype
-    );
+    println!("GEMM kernel: {}; weights {:?}", o.simd.name(), o.dtype);
     // (name, m, n, k) of `nn.Linear` weights [n, k].
     let mut shapes: Vec<(&str, usize, usize, usize)> = vec![
         ("tiny q/o", 2048, 256, 256),
@@ -184,6 +194,7 @@ fn main() {
                 std::process::exit(1);
             }
         };
+        let simd = o.simd;
         let div = if o.cpu_time { threads as f64 } else { 0.0 };
         let fma = measure_fma_peak(&cpu, 0.5);
         let peak = measure_matmul_peak(&cpu, 1.0);
@@ -220,11 +231,11 @@ fn main() {
             let mut y = vec![0.0; m * n];
             let mut dx = vec![0.0; m * k];
             let t = time(o.seconds, div, || {
-                cpu.linear_forward(&x, &w, &mut y, m, false)
+                cpu.install(|| mm::linear_forward_with(simd, &x, &w, &mut y, m, false))
             });
             row(&format!("{name} linear_forward"), m, n, k, flops, t);
             let t = time(o.seconds, div, || {
-                cpu.linear_backward_input(&dy, &w, &mut dx, m, true)
+                cpu.install(|| mm::linear_backward_input_with(simd, &dy, &w, &mut dx, m, true))
             });
             row(&format!("{name} linear_backward_input"), m, k, n, flops, t);
         }
@@ -255,22 +266,25 @@ fn main() {
             );
             let fwd = 2.0 * (m * r * (k + n)) as f64;
             let t = time(o.seconds, div, || {
-                cpu.lora_forward(&x, &a, &b, d, &mut u, &mut y)
+                cpu.install(|| mm::lora_forward_with(simd, &x, &a, &b, d, &mut u, &mut y))
             });
             row(&format!("{name} lora_forward r8"), m, n, k, fwd, t);
             let t = time(o.seconds, div, || {
-                cpu.lora_backward(
-                    &x,
-                    &a,
-                    &b,
-                    &u,
-                    &dy,
-                    d,
-                    &mut da,
-                    &mut db,
-                    &mut du,
-                    Some(&mut dx),
-                )
+                cpu.install(|| {
+                    mm::lora_backward_with(
+                        simd,
+                        &x,
+                        &a,
+                        &b,
+                        &u,
+                        &dy,
+                        d,
+                        &mut da,
+                        &mut db,
+                        &mut du,
+                        Some(&mut dx),
+                    )
+                })
             });
             row(&format!("{name} lora_backward r8"), m, n, k, 2.0 * fwd, t);
         }
