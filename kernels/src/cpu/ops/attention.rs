@@ -20,6 +20,8 @@
 //! Tasks write into scratch laid out per task, and a final parallel pass moves the results
 //! into the `[batch, seq, heads, head_dim]` layout.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::scratch::Scratch;
@@ -38,8 +40,17 @@ fn round_up(x: usize, m: usize) -> usize {
     x.div_ceil(m) * m
 }
 
+/// The part of one row block of a [`gemm`] that can be non-zero (causal masking): the range
+/// of the inner dimension that contributes, and the columns to compute (rounded out to
+/// multiples of 16 by `gemm`). Entries outside it are left as they are.
+struct Span {
+    k: Range<usize>,
+    n: Range<usize>,
+}
+
 /// `C[m×n] (+)= A·B` for `m % 8 == 0`, `n % 16 == 0`: `A(i,p) = a[i·a_rs + p·a_cs]`,
-/// row `p` of B is `b[p·ldb..][..n]`, row `i` of C is `c[i·ldc..][..n]`.
+/// row `p` of B is `b[p·ldb..][..n]`, row `i` of C is `c[i·ldc..][..n]`. `span(i, rows)`
+/// restricts the block of rows `i..i + rows` (see [`Span`]).
 /// AVX-512: 8x32 / 8x16 register tiles; AVX2: 4x16; otherwise plain loops over C's rows.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
@@ -55,6 +66,7 @@ fn gemm<M: Mode>(
     c: &mut [f32],
     ldc: usize,
     accumulate: bool,
+    span: impl Fn(usize, usize) -> Span,
 ) {
     assert!(
         m.is_multiple_of(ROWS) && n.is_multiple_of(LANES),
@@ -77,52 +89,68 @@ fn gemm<M: Mode>(
             "attention gemm: B is too short"
         );
     }
+    // The span, clamped into the asserted bounds and rounded out to whole vectors.
+    let clamp = |i: usize, rows: usize| {
+        let s = span(i, rows);
+        let k_hi = s.k.end.min(k);
+        let k_lo = s.k.start.min(k_hi);
+        let n_hi = round_up(s.n.end, LANES).min(n);
+        let n_lo = (s.n.start / LANES * LANES).min(n_hi);
+        (k_lo, k_hi - k_lo, n_lo, n_hi)
+    };
     match M::ISA {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => {
             let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
-            let mut j = 0;
-            while j < n {
-                let wide = j + 32 <= n;
-                for i in (0..m).step_by(8) {
+            for i in (0..m).step_by(8) {
+                let (k0, kn, n_lo, n_hi) = clamp(i, 8);
+                let mut j = n_lo;
+                while j < n_hi {
+                    let wide = j + 32 <= n_hi;
                     // SAFETY: `M::ISA == Avx512` only in code `multiversion!` runs after
-                    // detecting AVX-512. The tile reads A rows i..i+8 at columns < k, B
-                    // rows < k at columns j..j+32 (or +16) ≤ n, and writes C rows i..i+8
-                    // at those columns: all inside the bounds asserted above.
+                    // detecting AVX-512. The tile reads A rows i..i+8 at columns
+                    // k0..k0+kn ⊆ 0..k, B rows k0..k0+kn at columns j..j+32 (or +16) ≤ n,
+                    // and writes C rows i..i+8 at those columns: inside the bounds asserted
+                    // above.
                     unsafe {
-                        let (a0, b0, c0) = (ap.add(i * a_rs), bp.add(j), cp.add(i * ldc + j));
+                        let a0 = ap.add(i * a_rs + k0 * a_cs);
+                        let (b0, c0) = (bp.add(k0 * ldb + j), cp.add(i * ldc + j));
                         if wide {
-                            x86::tile_avx512::<2>(k, a0, a_rs, a_cs, b0, ldb, c0, ldc, accumulate)
+                            x86::tile_avx512::<2>(kn, a0, a_rs, a_cs, b0, ldb, c0, ldc, accumulate)
                         } else {
-                            x86::tile_avx512::<1>(k, a0, a_rs, a_cs, b0, ldb, c0, ldc, accumulate)
+                            x86::tile_avx512::<1>(kn, a0, a_rs, a_cs, b0, ldb, c0, ldc, accumulate)
                         }
                     }
+                    j += if wide { 32 } else { 16 };
                 }
-                j += if wide { 32 } else { 16 };
             }
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => {
             let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
-            for j in (0..n).step_by(16) {
-                for i in (0..m).step_by(4) {
+            for i in (0..m).step_by(4) {
+                let (k0, kn, n_lo, n_hi) = clamp(i, 4);
+                for j in (n_lo..n_hi).step_by(16) {
                     // SAFETY: as above, for AVX2+FMA and 4x16 tiles.
                     unsafe {
-                        let (a0, b0, c0) = (ap.add(i * a_rs), bp.add(j), cp.add(i * ldc + j));
-                        x86::tile_avx2(k, a0, a_rs, a_cs, b0, ldb, c0, ldc, accumulate)
+                        let a0 = ap.add(i * a_rs + k0 * a_cs);
+                        let (b0, c0) = (bp.add(k0 * ldb + j), cp.add(i * ldc + j));
+                        x86::tile_avx2(kn, a0, a_rs, a_cs, b0, ldb, c0, ldc, accumulate)
                     }
                 }
             }
         }
         _ => {
             for i in 0..m {
-                let crow = &mut c[i * ldc..i * ldc + n];
+                let (k0, kn, n_lo, n_hi) = clamp(i, 1);
+                let crow = &mut c[i * ldc + n_lo..i * ldc + n_hi];
                 if !accumulate {
                     crow.fill(0.0);
                 }
-                for p in 0..k {
+                for p in k0..k0 + kn {
                     let av = a[i * a_rs + p * a_cs];
-                    for (y, &x) in crow.iter_mut().zip(&b[p * ldb..p * ldb + n]) {
+                    let brow = &b[p * ldb + n_lo..p * ldb + n_hi];
+                    for (y, &x) in crow.iter_mut().zip(brow) {
                         *y = M::fma(av, x, *y);
                     }
                 }
@@ -425,19 +453,16 @@ fn forward_tile_impl<M: Mode>(
     for j0 in (0..kv_end).step_by(BK) {
         let nk = BK.min(kv_end - j0);
         let mk = round_up(nk, ROWS);
-        gemm::<M>(
-            mk,
-            np,
-            d,
-            &x.k[j0 * dp..],
-            dp,
-            1,
-            &w.q,
-            BQ,
-            &mut w.s,
-            BQ,
-            false,
-        );
+        // Key j is seen by queries c ≥ j0 + j − qpos; the rest is masked below.
+        let seen_by = |j: usize, _: usize| {
+            let first = ((j0 + j) as isize - qpos).max(0) as usize;
+            Span {
+                k: 0..d,
+                n: first..np,
+            }
+        };
+        let (k_t, q_t) = (&x.k[j0 * dp..], &w.q[..]);
+        gemm::<M>(mk, np, d, k_t, dp, 1, q_t, BQ, &mut w.s, BQ, false, seen_by);
         // Scale, mask (query c sees key j0 + j iff qpos + c ≥ j0 + j), column max.
         let mut m_new = *m;
         for j in 0..nk {
@@ -484,20 +509,16 @@ fn forward_tile_impl<M: Mode>(
                 *y *= a;
             }
         }
-        // O += P·V (A(c, j) = Pᵀ[j][c])
-        gemm::<M>(
-            np,
-            dp,
-            nk,
-            &w.s,
-            1,
-            BQ,
-            &x.v[j0 * dp..],
-            dp,
-            &mut w.o,
-            dp,
-            true,
-        );
+        // O += P·V (A(c, j) = Pᵀ[j][c]); queries c..c+n see keys < qpos + c + n − j0.
+        let sees = |c: usize, n: usize| {
+            let keys = (qpos + (c + n) as isize - j0 as isize).clamp(0, nk as isize);
+            Span {
+                k: 0..keys as usize,
+                n: 0..dp,
+            }
+        };
+        let v_t = &x.v[j0 * dp..];
+        gemm::<M>(np, dp, nk, &w.s, 1, BQ, v_t, dp, &mut w.o, dp, true, sees);
     }
     for c in 0..rows {
         let o = &mut out[c * d..(c + 1) * d];
@@ -722,20 +743,30 @@ fn backward_group_impl<M: Mode>(
                 let mp = round_up(rows, ROWS);
                 let q_t = &q_h[i0 * dp..(i0 + mp) * dp];
                 let do_t = &do_h[i0 * dp..(i0 + mp) * dp];
+                // Queries r..r+n see keys < qpos + r + n − j0; key j is seen by queries
+                // r ≥ j0 + j − qpos. Entries outside are masked or multiply zeros.
+                let qpos = (s.q_pos0 + i0) as isize;
+                let sees = |r: usize, n: usize| {
+                    let keys = (qpos + (r + n) as isize - j0 as isize).clamp(0, BK as isize);
+                    Span {
+                        k: 0..d,
+                        n: 0..keys as usize,
+                    }
+                };
+                let sees_k = |r: usize, n: usize| Span {
+                    k: sees(r, n).n,
+                    n: 0..dp,
+                };
+                let seen_by = |j: usize, _: usize| {
+                    let first = ((j0 + j) as isize - qpos).clamp(0, mp as isize) as usize;
+                    Span {
+                        k: first..mp,
+                        n: 0..dp,
+                    }
+                };
                 // S = Q·Kᵀ, then P = exp(scale·S − lse) on visible entries, 0 elsewhere.
-                gemm::<M>(
-                    mp,
-                    BK,
-                    d,
-                    q_t,
-                    dp,
-                    1,
-                    &w.kt[j0..],
-                    kv_pad,
-                    &mut w.p,
-                    BK,
-                    false,
-                );
+                let (kt, vt) = (&w.kt[j0..], &w.vt[j0..]);
+                gemm::<M>(mp, BK, d, q_t, dp, 1, kt, kv_pad, &mut w.p, BK, false, sees);
                 for r in 0..mp {
                     let prow: &mut [f32; BK] =
                         (&mut w.p[r * BK..(r + 1) * BK]).try_into().expect("BK");
@@ -761,20 +792,12 @@ fn backward_group_impl<M: Mode>(
                     }
                 }
                 // dV += Pᵀ·dO
-                gemm::<M>(BK, dp, mp, &w.p, 1, BK, do_t, dp, &mut w.dv, dp, true);
+                gemm::<M>(
+                    BK, dp, mp, &w.p, 1, BK, do_t, dp, &mut w.dv, dp, true, seen_by,
+                );
                 // dP = dO·Vᵀ; dS = P ⊙ (dP − Δ)
                 gemm::<M>(
-                    mp,
-                    BK,
-                    d,
-                    do_t,
-                    dp,
-                    1,
-                    &w.vt[j0..],
-                    kv_pad,
-                    &mut w.ds,
-                    BK,
-                    false,
+                    mp, BK, d, do_t, dp, 1, vt, kv_pad, &mut w.ds, BK, false, sees,
                 );
                 for r in 0..mp {
                     let dl = if r < rows { delta_h[i0 + r] } else { 0.0 };
@@ -786,21 +809,12 @@ fn backward_group_impl<M: Mode>(
                     }
                 }
                 // dK += dSᵀ·Q; dQ += dS·K
-                gemm::<M>(BK, dp, mp, &w.ds, 1, BK, q_t, dp, &mut w.dk, dp, true);
-                let dq_t = &mut dq[(hg * tq_pad + i0) * dp..(hg * tq_pad + i0 + mp) * dp];
                 gemm::<M>(
-                    mp,
-                    dp,
-                    BK,
-                    &w.ds,
-                    BK,
-                    1,
-                    &w.k[j0 * dp..],
-                    dp,
-                    dq_t,
-                    dp,
-                    true,
+                    BK, dp, mp, &w.ds, 1, BK, q_t, dp, &mut w.dk, dp, true, seen_by,
                 );
+                let dq_t = &mut dq[(hg * tq_pad + i0) * dp..(hg * tq_pad + i0 + mp) * dp];
+                let k_t = &w.k[j0 * dp..];
+                gemm::<M>(mp, dp, BK, &w.ds, BK, 1, k_t, dp, dq_t, dp, true, sees_k);
             }
         }
         for c in 0..nk {
