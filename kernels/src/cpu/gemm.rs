@@ -497,21 +497,41 @@ impl Tile<'_, '_> {
     }
 }
 
-/// f32 storage aligned to 64 bytes (a cache line, one zmm).
+/// f32 storage aligned to 64 bytes (a cache line, one zmm), kept per thread between calls:
+/// a fresh megabyte per call would cost page faults or a memset on every product.
 struct AlignedBuf {
     raw: Vec<f32>,
     start: usize,
     len: usize,
 }
 
+thread_local! {
+    static PACK_BUF: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 impl AlignedBuf {
     fn new(len: usize) -> Self {
-        let raw = vec![0.0f32; len + 16];
+        // Taken, not borrowed: a nested call on this thread simply allocates its own.
+        let mut raw = PACK_BUF.take();
+        if raw.len() < len + 16 {
+            raw = vec![0.0f32; len + 16];
+        }
         let start = raw.as_ptr().align_offset(64).min(16);
         AlignedBuf { raw, start, len }
     }
     fn as_mut_slice(&mut self) -> &mut [f32] {
         &mut self.raw[self.start..self.start + self.len]
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let raw = std::mem::take(&mut self.raw);
+        // Keep the larger of the two (a nested call may have left one).
+        let _ = PACK_BUF.try_with(|b| {
+            let old = b.take();
+            b.set(if old.len() > raw.len() { old } else { raw });
+        });
     }
 }
 
