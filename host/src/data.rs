@@ -46,6 +46,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
+use rayon::prelude::*;
 use serde_json::{Map, Value, json};
 
 use crate::tokenizer::Tokenizer;
@@ -301,6 +302,38 @@ fn line_of(text: &str, pos: usize) -> usize {
         .count()
 }
 
+/// Line numbers of increasing byte offsets in linear time overall.
+struct Lines<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    line: usize,
+}
+
+impl<'a> Lines<'a> {
+    fn new(text: &'a str) -> Self {
+        Lines {
+            bytes: text.as_bytes(),
+            pos: 0,
+            line: 1,
+        }
+    }
+
+    /// 1-based line of byte offset `pos` (offsets asked for never decrease).
+    fn at(&mut self, pos: usize) -> usize {
+        let pos = pos.min(self.bytes.len());
+        if pos < self.pos {
+            self.pos = 0;
+            self.line = 1;
+        }
+        self.line += self.bytes[self.pos..pos]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count();
+        self.pos = pos;
+        self.line
+    }
+}
+
 /// Byte offset of the first non-whitespace byte at or after `pos`.
 fn skip_ws(text: &str, mut pos: usize) -> usize {
     let b = text.as_bytes();
@@ -316,6 +349,7 @@ fn json_values(text: &str, path: &Path) -> Result<Vec<(usize, Value)>> {
     let start = skip_ws(text, 0);
     let is_array = text.as_bytes().get(start) == Some(&b'[');
     let mut out = Vec::new();
+    let mut lines = Lines::new(text);
     // Parse one value at byte offset `pos`; returns it and the offset after it.
     let parse_at = |pos: usize| -> Result<(Value, usize)> {
         let mut stream = serde_json::Deserializer::from_str(&text[pos..]).into_iter::<Value>();
@@ -350,7 +384,7 @@ fn json_values(text: &str, path: &Path) -> Result<Vec<(usize, Value)>> {
             pos += 1;
         } else {
             loop {
-                let line = line_of(text, pos);
+                let line = lines.at(pos);
                 let (v, next) = parse_at(pos)?;
                 out.push((line, v));
                 pos = skip_ws(text, next);
@@ -384,7 +418,7 @@ fn json_values(text: &str, path: &Path) -> Result<Vec<(usize, Value)>> {
     } else {
         let mut pos = start;
         while pos < text.len() {
-            let line = line_of(text, pos);
+            let line = lines.at(pos);
             let (v, next) = parse_at(pos)?;
             out.push((line, v));
             pos = skip_ws(text, next);
@@ -493,67 +527,73 @@ fn push_block(
     Ok(())
 }
 
-/// Tokenizes records with the templates and masks of the module docs.
+/// Tokenizes records with the templates and masks of the module docs (records in parallel;
+/// the output keeps the input order).
 pub fn tokenize_records(records: &[Record], tok: &Tokenizer) -> Result<Vec<Example>> {
-    let mut out = Vec::with_capacity(records.len());
-    for (i, r) in records.iter().enumerate() {
-        let mut ids = Vec::new();
-        let mut is_target = Vec::new();
-        let need_eos = || {
-            tok.eos_id().with_context(|| {
-                format!(
-                    "record {i}: instruction records need an end-of-sequence token, but the \
-                     tokenizer {} has none",
-                    tok.path().display()
+    records
+        .par_iter()
+        .enumerate()
+        .map(|(i, r)| tokenize_record(i, r, tok))
+        .collect()
+}
+
+/// One record; `i` is its index, for messages.
+fn tokenize_record(i: usize, r: &Record, tok: &Tokenizer) -> Result<Example> {
+    let mut ids = Vec::new();
+    let mut is_target = Vec::new();
+    let need_eos = || {
+        tok.eos_id().with_context(|| {
+            format!(
+                "record {i}: instruction records need an end-of-sequence token, but the \
+                 tokenizer {} has none",
+                tok.path().display()
+            )
+        })
+    };
+    match r {
+        Record::Text { text, .. } => {
+            ids = tok
+                .encode(text, true)
+                .with_context(|| format!("record {i}"))?;
+            is_target = (0..ids.len()).map(|t| t > 0).collect();
+        }
+        Record::Alpaca {
+            instruction,
+            input,
+            output,
+            ..
+        } => {
+            let eos = need_eos()?;
+            let prompt = alpaca_prompt(instruction, input);
+            push_block(tok, &prompt, output, true, eos, &mut ids, &mut is_target)
+                .with_context(|| format!("record {i}"))?;
+        }
+        Record::ShareGpt { system, turns, .. } => {
+            let eos = need_eos()?;
+            for (k, turn) in turns.iter().enumerate() {
+                let prompt = sharegpt_prompt(system.as_deref(), k, &turn.user);
+                push_block(
+                    tok,
+                    &prompt,
+                    &turn.assistant,
+                    k == 0,
+                    eos,
+                    &mut ids,
+                    &mut is_target,
                 )
-            })
-        };
-        match r {
-            Record::Text { text, .. } => {
-                ids = tok
-                    .encode(text, true)
-                    .with_context(|| format!("record {i}"))?;
-                is_target = (0..ids.len()).map(|t| t > 0).collect();
-            }
-            Record::Alpaca {
-                instruction,
-                input,
-                output,
-                ..
-            } => {
-                let eos = need_eos()?;
-                let prompt = alpaca_prompt(instruction, input);
-                push_block(tok, &prompt, output, true, eos, &mut ids, &mut is_target)
-                    .with_context(|| format!("record {i}"))?;
-            }
-            Record::ShareGpt { system, turns, .. } => {
-                let eos = need_eos()?;
-                for (k, turn) in turns.iter().enumerate() {
-                    let prompt = sharegpt_prompt(system.as_deref(), k, &turn.user);
-                    push_block(
-                        tok,
-                        &prompt,
-                        &turn.assistant,
-                        k == 0,
-                        eos,
-                        &mut ids,
-                        &mut is_target,
-                    )
-                    .with_context(|| format!("record {i}, turn {k}"))?;
-                }
+                .with_context(|| format!("record {i}, turn {k}"))?;
             }
         }
-        // Position 0 is never predicted.
-        if let Some(first) = is_target.first_mut() {
-            *first = false;
-        }
-        out.push(Example {
-            ids,
-            is_target,
-            domain: r.domain().map(str::to_string),
-        });
     }
-    Ok(out)
+    // Position 0 is never predicted.
+    if let Some(first) = is_target.first_mut() {
+        *first = false;
+    }
+    Ok(Example {
+        ids,
+        is_target,
+        domain: r.domain().map(str::to_string),
+    })
 }
 
 /// A `[batch, seq]` block of inputs and next-token targets.

@@ -337,15 +337,22 @@ pub fn normal_pair(key: u64, j: u64) -> (f64, f64) {
 
 /// Fills `out` with elements `start..start + out.len()` of `std · N(0,1)` stream `key`.
 pub fn fill_normal(key: u64, std: f64, start: usize, out: &mut [f32]) {
-    const BLOCK: usize = 8192; // even, so blocks start on pair boundaries relative to `start`
+    const BLOCK: usize = 8192;
     out.par_chunks_mut(BLOCK)
         .enumerate()
         .for_each(|(bi, block)| {
             let first = start + bi * BLOCK;
-            for (k, o) in block.iter_mut().enumerate() {
-                let i = first + k;
-                let (z0, z1) = normal_pair(key, (i / 2) as u64);
-                *o = (std * if i.is_multiple_of(2) { z0 } else { z1 }) as f32;
+            let end = first + block.len();
+            // One Box–Muller pair per two elements; the pair of element i is i / 2.
+            for j in first / 2..end.div_ceil(2) {
+                let (z0, z1) = normal_pair(key, j as u64);
+                let (i0, i1) = (2 * j, 2 * j + 1);
+                if i0 >= first {
+                    block[i0 - first] = (std * z0) as f32;
+                }
+                if i1 < end {
+                    block[i1 - first] = (std * z1) as f32;
+                }
             }
         });
 }

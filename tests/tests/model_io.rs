@@ -1400,6 +1400,41 @@ fn init_model_sharded_equals_single() {
     }
 }
 
+#[test]
+fn random_init_does_not_depend_on_chunking() {
+    use fedcdd_host::init_model::{fill_normal, tensor_key};
+    let key = tensor_key(5, "model.layers.0.mlp.up_proj.weight");
+    let n = 50_001;
+    let mut whole = vec![0f32; n];
+    fill_normal(key, 0.02, 0, &mut whole);
+    // odd and even starts, lengths across the internal block size
+    for (start, len) in [(1, 7), (3, 8193), (8191, 16_385), (20_000, 1), (49_999, 2)] {
+        let mut part = vec![0f32; len];
+        fill_normal(key, 0.02, start, &mut part);
+        assert_eq!(
+            &part[..],
+            &whole[start..start + len],
+            "start {start}, len {len}"
+        );
+    }
+    let (m, s) = mean_std(&whole);
+    assert!(
+        m.abs() < 3e-4 && (s - 0.02).abs() < 3e-4,
+        "mean {m}, std {s}"
+    );
+    // neighbours are uncorrelated (the two halves of a Box–Muller pair included)
+    let corr: f64 = whole
+        .windows(2)
+        .map(|w| w[0] as f64 * w[1] as f64)
+        .sum::<f64>()
+        / (n as f64 * 0.02 * 0.02);
+    assert!(corr.abs() < 0.02, "lag-1 correlation {corr}");
+    let other = tensor_key(6, "model.layers.0.mlp.up_proj.weight");
+    let mut b = vec![0f32; 16];
+    fill_normal(other, 0.02, 0, &mut b);
+    assert_ne!(&b[..], &whole[..16]);
+}
+
 /// Writes `small` and `tinyllama-1.1b` (2.2 GB of bf16, sharded) and checks them; slow: run
 /// with `cargo test --release -p fedcdd-tests --test model_io -- --ignored`.
 #[test]
