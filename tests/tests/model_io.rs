@@ -1103,11 +1103,28 @@ fn corpus_texts() -> Vec<String> {
         .collect()
 }
 
-/// The tiny preset written once for the tests that only read it.
+/// The tiny preset written once per test process for the tests that only read it. A static
+/// has no destructor, so each run removes the copies earlier runs left behind (those older
+/// than an hour: a concurrent run's copy is younger).
 fn tiny_model() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("fedcdd-model-io-tiny-{}", std::process::id()));
+        let tmp = std::env::temp_dir();
+        let prefix = "fedcdd-model-io-tiny-";
+        if let Ok(entries) = fs::read_dir(&tmp) {
+            for e in entries.flatten() {
+                let old = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age.as_secs() > 3600);
+                if old && e.file_name().to_string_lossy().starts_with(prefix) {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let dir = tmp.join(format!("{prefix}{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         let t = Instant::now();
         let s = build_model(&InitModelArgs::new(Preset::Tiny, &dir)).unwrap();
