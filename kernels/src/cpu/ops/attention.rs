@@ -1,24 +1,31 @@
 //! Flash-attention style causal GQA on the CPU.
 //!
-//! Forward: one task per (batch, query head, tile of [`BQ`] queries). The task walks the key
-//! tiles of [`BK`] keys its queries can see (fully masked tiles are never visited), computes
-//! the score tile `S = Q·Kᵀ` with a register-blocked micro-kernel, folds it into a running
-//! max / sum / output per query row (online softmax), and finally writes `O / l` and
-//! `lse = m + ln l`. Nothing larger than one `BQ x BK` tile of scores exists at a time.
+//! Both directions run on one register-tiled micro-kernel ([`gemm`]: 8x32 / 8x16 AVX-512
+//! tiles, 4x16 AVX2, plain loops otherwise) over tiles of [`BQ`] queries by [`BK`] keys;
+//! tiles that the causal mask hides entirely are never visited, and inside the diagonal
+//! tiles each row block only computes the part the mask can leave non-zero ([`Span`]).
+//! Nothing larger than one `BQ x BK` tile of scores exists at a time.
+//!
+//! Forward: one task per (batch, KV head, tile of [`BQ`] query columns), where the columns
+//! are the group's query heads stacked position-major ([`ForwardTile`]), so the group shares
+//! every key/value tile and a single generated token still fills `group` columns. The task
+//! keeps the score tile transposed (`Sᵀ = K·Qᵀ`, keys by columns), so the online softmax's
+//! running max, sum and rescale factors are per-lane vectors; `O += P·V` follows each key
+//! tile, and at the end `O / l` and `lse = m + ln l` are written. Keys and values are first
+//! copied, in parallel, into head-major zero-padded buffers (`[b, kvh, j, dp]`, head_dim
+//! padded to a multiple of 16, keys to a multiple of [`BK`]).
 //!
 //! Backward: one task per (batch, KV head), so that the task owns the gradients it writes:
-//! `dK`, `dV` of its KV head and `dQ` of the query heads that read it (GQA). For each key
-//! tile it keeps `dK`, `dV` accumulators and walks every query tile (of every head in the
-//! group) that sees the key tile: it recomputes `P = exp(scale·Q·Kᵀ − lse)` from the saved
-//! log-sum-exp, then `dV += Pᵀ·dO`, `dP = dO·Vᵀ`, `dS = P ⊙ (dP − Δ)` with
-//! `Δ = rowsum(dO ⊙ O)`, `dK += dSᵀ·Q`, `dQ += dS·K` (scale applied once at the end).
+//! `dK`, `dV` of its KV head and `dQ` of the query heads that read it. It first copies its
+//! inputs into padded buffers of its own (queries and output gradients of the group, keys,
+//! keys and values transposed, lse and `Δ = rowsum(dO ⊙ O)`), then for each key tile keeps
+//! `dK`, `dV` accumulators and walks every query tile (of every head in the group) that
+//! sees it: it recomputes `P = exp(scale·Q·Kᵀ − lse)` from the saved log-sum-exp, then
+//! `dV += Pᵀ·dO`, `dP = dO·Vᵀ`, `dS = P ⊙ (dP − Δ)`, `dK += dSᵀ·Q`, `dQ += dS·K` (the
+//! scale applied once at the end).
 //!
-//! Each op first copies its inputs, in parallel, into head-major zero-padded buffers that
-//! the micro-kernel reads in place (head_dim padded to a multiple of 16, query rows to a
-//! multiple of 8, keys to a multiple of [`BK`]; keys also transposed): `[b, h, i, dp]` for
-//! queries and output gradients, `[b, kvh, j, dp]` and `[b, kvh, dp, j]` for keys/values.
-//! Tasks write into scratch laid out per task, and a final parallel pass moves the results
-//! into the `[batch, seq, heads, head_dim]` layout.
+//! Tasks write into scratch laid out per task; a final parallel pass moves the results into
+//! the `[batch, seq, heads, head_dim]` layout. Large temporaries come from [`Scratch`].
 
 use std::ops::Range;
 
@@ -396,14 +403,21 @@ fn transpose_rows_impl<M: Mode>(
 
 // ---- forward -----------------------------------------------------------------------------
 
-/// One forward task's inputs: its head's queries (`q[i·q_stride..][..d]` is query `i`) and
-/// its KV head's padded keys and values (`[kv_pad, dp]` each).
+/// One forward task: a tile of up to [`BQ`] query columns of one KV head in one batch row.
+/// The columns of a (batch, KV head) are its query heads stacked position-major — column
+/// `c` is position `c / group` of head `kvh·group + c % group` — so a tile shares each key
+/// and value tile among the group, a single generated token still fills `group` columns,
+/// and a column's position grows with `c` (causal masks stay thresholds).
 struct ForwardTile<'a> {
+    /// The op's queries, `[batch, q_len, q_heads, d]`.
     q: &'a [f32],
-    q_stride: usize,
+    /// This KV head's padded keys and values, `[kv_pad, dp]` each.
     k: &'a [f32],
     v: &'a [f32],
-    i0: usize,
+    b: usize,
+    kvh: usize,
+    /// First column of the tile.
+    c0: usize,
 }
 
 multiversion! {
@@ -411,10 +425,10 @@ multiversion! {
         = forward_tile_impl;
 }
 
-/// One forward task: queries `i0..i0 + lse.len()` of one head; writes their outputs to
-/// `out` (`[rows, d]`) and log-sum-exps to `lse`.
+/// One forward task (see [`ForwardTile`]): columns `c0..c0 + lse.len()`; writes their
+/// outputs to `out` (`[cols, d]`) and log-sum-exps to `lse`.
 ///
-/// The score tile is kept transposed — `Sᵀ = K·Qᵀ` as `[keys, queries]` — so each query's
+/// The score tile is kept transposed — `Sᵀ = K·Qᵀ` as `[keys, columns]` — so each query's
 /// running max, sum and rescale factor sit in vector lanes and the softmax needs no
 /// horizontal reductions; `O += P·V` reads `Pᵀ` by columns.
 #[inline(always)]
@@ -425,102 +439,69 @@ fn forward_tile_impl<M: Mode>(
     out: &mut [f32],
     lse: &mut [f32],
 ) {
-    let (s, d, dp) = (g.s, g.d, g.dp);
-    let (i0, rows) = (x.i0, lse.len());
-    let np = round_up(rows, LANES);
+    let (s, d, dp, group) = (g.s, g.d, g.dp, g.group);
+    let (c0, cols) = (x.c0, lse.len());
+    // score columns (whole vectors) and output rows (whole row blocks)
+    let (np, mr) = (round_up(cols, LANES), round_up(cols, ROWS));
     let scale = s.scale;
-    // Qᵀ [d, BQ]; columns past the tile's queries are zero.
-    assert!(rows <= BQ && w.q.len() >= d * BQ);
-    for (c, src) in x.q[i0 * x.q_stride..]
-        .chunks(x.q_stride)
-        .take(rows)
-        .enumerate()
-    {
-        for (col, &y) in w.q.chunks_exact_mut(BQ).zip(&src[..d]) {
+    // Qᵀ [d, BQ]; columns past the tile's are zero.
+    assert!(cols <= BQ && w.q.len() >= d * BQ);
+    for c in 0..cols {
+        let (i, hg) = ((c0 + c) / group, (c0 + c) % group);
+        let o = ((x.b * s.q_len + i) * s.q_heads + x.kvh * group + hg) * d;
+        for (col, &y) in w.q.chunks_exact_mut(BQ).zip(&x.q[o..o + d]) {
             col[c] = y;
         }
     }
     for col in w.q.chunks_exact_mut(BQ).take(d) {
-        col[rows..].fill(0.0);
+        col[cols..].fill(0.0);
     }
-    w.o[..np * dp].fill(0.0);
+    w.o[..mr * dp].fill(0.0);
     let (m, l) = (&mut w.m, &mut w.l);
     m.fill(f32::NEG_INFINITY);
     l.fill(0.0);
-    // absolute position of the tile's first query
-    let qpos = (s.q_pos0 + i0) as isize;
-    let kv_end = (s.q_pos0 + i0 + rows).min(s.kv_len);
+    // Column c (of the tile) sees key j iff q_pos0 + (c0 + c) / group ≥ j, i.e. iff
+    // c ≥ group·(j − q_pos0) − c0 =: first(j).
+    let first = |j: usize| (group * j) as isize - (group * s.q_pos0 + c0) as isize;
+    let last_pos = (c0 + cols - 1) / group;
+    let kv_end = (s.q_pos0 + last_pos + 1).min(s.kv_len);
     for j0 in (0..kv_end).step_by(BK) {
         let nk = BK.min(kv_end - j0);
         let mk = round_up(nk, ROWS);
-        // Key j is seen by queries c ≥ j0 + j − qpos; the rest is masked below.
         let seen_by = |j: usize, _: usize| {
-            let first = ((j0 + j) as isize - qpos).max(0) as usize;
+            let from = first(j0 + j).max(0) as usize;
             Span {
                 k: 0..d,
-                n: first..np,
+                n: from..np,
             }
         };
         let (k_t, q_t) = (&x.k[j0 * dp..], &w.q[..]);
         gemm::<M>(mk, np, d, k_t, dp, 1, q_t, BQ, &mut w.s, BQ, false, seen_by);
-        // Scale, mask (query c sees key j0 + j iff qpos + c ≥ j0 + j), column max.
-        let mut m_new = *m;
-        for j in 0..nk {
-            let row: &mut [f32; BQ] = (&mut w.s[j * BQ..(j + 1) * BQ]).try_into().expect("BQ");
-            let first = (j0 + j) as isize - qpos;
-            if first <= 0 {
-                for (y, mx) in row.iter_mut().zip(m_new.iter_mut()) {
-                    *y *= scale;
-                    *mx = if *y > *mx { *y } else { *mx };
-                }
-            } else {
-                for (c, (y, mx)) in row.iter_mut().zip(m_new.iter_mut()).enumerate() {
-                    *y = if c as isize >= first {
-                        *y * scale
-                    } else {
-                        f32::NEG_INFINITY
-                    };
-                    *mx = if *y > *mx { *y } else { *mx };
-                }
-            }
-        }
-        // P = exp(S − m_new); l = l·alpha + Σ P; O ·= alpha. A query whose first tile
-        // masks it entirely would have m = −∞ on both sides; only padding columns do.
-        let mut alpha = [0.0f32; BQ];
-        for c in 0..BQ {
-            alpha[c] = simd::exp::<M>(m[c] - m_new[c]);
-        }
-        let mut sum = [0.0f32; BQ];
-        for j in 0..nk {
-            let row: &mut [f32; BQ] = (&mut w.s[j * BQ..(j + 1) * BQ]).try_into().expect("BQ");
-            for c in 0..BQ {
-                let p = simd::exp::<M>(row[c] - m_new[c]);
-                row[c] = p;
-                sum[c] += p;
-            }
-        }
-        for c in 0..BQ {
-            l[c] = M::fma(l[c], alpha[c], sum[c]);
-        }
-        *m = m_new;
-        for (c, row) in w.o[..np * dp].chunks_exact_mut(dp).enumerate() {
+        // Only the first `np` columns matter; the softmax runs on 16, 32 or 64.
+        let alpha = match np {
+            0..=16 => online_softmax::<M, 16>(&mut w.s, nk, j0, &first, scale, m, l),
+            17..=32 => online_softmax::<M, 32>(&mut w.s, nk, j0, &first, scale, m, l),
+            _ => online_softmax::<M, BQ>(&mut w.s, nk, j0, &first, scale, m, l),
+        };
+        for (c, row) in w.o[..mr * dp].chunks_exact_mut(dp).enumerate() {
             let a = alpha[c];
             for y in row.iter_mut() {
                 *y *= a;
             }
         }
-        // O += P·V (A(c, j) = Pᵀ[j][c]); queries c..c+n see keys < qpos + c + n − j0.
+        // O += P·V (A(c, j) = Pᵀ[j][c]); columns c..c+n see the keys up to the position
+        // of column c+n−1.
         let sees = |c: usize, n: usize| {
-            let keys = (qpos + (c + n) as isize - j0 as isize).clamp(0, nk as isize);
+            let pos = s.q_pos0 + (c0 + c + n - 1) / group;
             Span {
-                k: 0..keys as usize,
+                k: 0..(pos + 1).saturating_sub(j0).min(nk),
                 n: 0..dp,
             }
         };
         let v_t = &x.v[j0 * dp..];
-        gemm::<M>(np, dp, nk, &w.s, 1, BQ, v_t, dp, &mut w.o, dp, true, sees);
+        gemm::<M>(mr, dp, nk, &w.s, 1, BQ, v_t, dp, &mut w.o, dp, true, sees);
     }
-    for c in 0..rows {
+    for c in 0..cols {
         let o = &mut out[c * d..(c + 1) * d];
         if l[c] > 0.0 {
             let inv = 1.0 / l[c];
@@ -534,6 +515,69 @@ fn forward_tile_impl<M: Mode>(
             lse[c] = f32::NEG_INFINITY;
         }
     }
+}
+
+/// One key tile of the forward's online softmax over the first `W` columns of the
+/// transposed score tile `s` (`[BK, BQ]`, keys `j0..j0 + nk`; column `c` sees key `j` iff
+/// `c ≥ first(j)`): scales and masks the scores, turns them into `exp(s − m_new)`, updates
+/// the running max `m` and sum `l`, and returns each column's rescale factor
+/// `exp(m_old − m_new)`. Columns past the tile's hold garbage nobody reads.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn online_softmax<M: Mode, const W: usize>(
+    s: &mut [f32],
+    nk: usize,
+    j0: usize,
+    first: &impl Fn(usize) -> isize,
+    scale: f32,
+    m: &mut [f32; BQ],
+    l: &mut [f32; BQ],
+) -> [f32; BQ] {
+    let (m, l) = (
+        <&mut [f32; W]>::try_from(&mut m[..W]).expect("W"),
+        <&mut [f32; W]>::try_from(&mut l[..W]).expect("W"),
+    );
+    // Scale, mask, column max.
+    let mut m_new = *m;
+    for j in 0..nk {
+        let row: &mut [f32; W] = (&mut s[j * BQ..j * BQ + W]).try_into().expect("W");
+        let first = first(j0 + j);
+        if first <= 0 {
+            for (y, mx) in row.iter_mut().zip(m_new.iter_mut()) {
+                *y *= scale;
+                *mx = if *y > *mx { *y } else { *mx };
+            }
+        } else {
+            for (c, (y, mx)) in row.iter_mut().zip(m_new.iter_mut()).enumerate() {
+                *y = if c as isize >= first {
+                    *y * scale
+                } else {
+                    f32::NEG_INFINITY
+                };
+                *mx = if *y > *mx { *y } else { *mx };
+            }
+        }
+    }
+    // P = exp(S − m_new); l = l·alpha + Σ P. A column whose first tile masks it entirely
+    // would have m = −∞ on both sides; only padding columns do (key 0 is seen by all).
+    let mut alpha = [0.0f32; BQ];
+    for c in 0..W {
+        alpha[c] = simd::exp::<M>(m[c] - m_new[c]);
+    }
+    let mut sum = [0.0f32; W];
+    for j in 0..nk {
+        let row: &mut [f32; W] = (&mut s[j * BQ..j * BQ + W]).try_into().expect("W");
+        for c in 0..W {
+            let p = simd::exp::<M>(row[c] - m_new[c]);
+            row[c] = p;
+            sum[c] += p;
+        }
+    }
+    for c in 0..W {
+        l[c] = M::fma(l[c], alpha[c], sum[c]);
+    }
+    *m = m_new;
+    alpha
 }
 
 /// Causal GQA attention forward (see the module docs).
@@ -551,40 +595,58 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], lse: &mut [f32]
     }
     let g = Geometry::new(s, group);
     let (tq, d, dp) = (s.q_len, g.d, g.dp);
-    let (b_, hq, hkv) = (s.batch, s.q_heads, s.kv_heads);
-    let kp = pad_head_major(k, b_, s.kv_stride, s.kv_len, hkv, d, g.kv_pad, dp);
-    let vp = pad_head_major(v, b_, s.kv_stride, s.kv_len, hkv, d, g.kv_pad, dp);
+    let (hq, hkv) = (s.q_heads, s.kv_heads);
+    let kp = pad_head_major(k, s.batch, s.kv_stride, s.kv_len, hkv, d, g.kv_pad, dp);
+    let vp = pad_head_major(v, s.batch, s.kv_stride, s.kv_len, hkv, d, g.kv_pad, dp);
     let kv_block = g.kv_pad * dp;
-    // scratch[b, h, i, :] = out[b, i, h, :]
-    let mut scratch = Scratch::reused(out.len());
-    scratch
-        .par_chunks_mut(tq * d)
-        .zip(lse.par_chunks_mut(tq))
+    // Per (batch, KV head): `cols` columns (see `ForwardTile`) of outputs and lse.
+    let cols = tq * group;
+    let mut o_s = Scratch::reused(out.len());
+    let mut lse_s = Scratch::reused(lse.len());
+    o_s.par_chunks_mut(cols * d)
+        .zip(lse_s.par_chunks_mut(cols))
         .enumerate()
-        .for_each(|(bh, (o_bh, l_bh))| {
-            let (b, h) = (bh / hq, bh % hq);
-            let bk = b * hkv + h / group;
-            let q = &q[(b * tq * hq + h) * d..];
+        .for_each(|(bk, (o_bk, l_bk))| {
             let k = &kp[bk * kv_block..(bk + 1) * kv_block];
             let v = &vp[bk * kv_block..(bk + 1) * kv_block];
-            o_bh.par_chunks_mut(BQ * d)
-                .zip(l_bh.par_chunks_mut(BQ))
+            let (b, kvh) = (bk / hkv, bk % hkv);
+            o_bk.par_chunks_mut(BQ * d)
+                .zip(l_bk.par_chunks_mut(BQ))
                 .enumerate()
                 .for_each_init(
                     || ForwardWork::new(dp),
                     |w, (t, (o, l))| {
                         let x = ForwardTile {
                             q,
-                            q_stride: hq * d,
                             k,
                             v,
-                            i0: t * BQ,
+                            b,
+                            kvh,
+                            c0: t * BQ,
                         };
                         forward_tile(&g, w, &x, o, l)
                     },
                 );
         });
-    to_token_major(&scratch, tq, d, out, tq, hq, d, 1.0);
+    // o_s[b, kvh, i, hg, :] is out[b, i, h, :]: per (b, i), KV head by KV head.
+    out.par_chunks_mut(hq * d)
+        .enumerate()
+        .with_min_len(16)
+        .for_each(|(bi, row)| {
+            let (b, i) = (bi / tq, bi % tq);
+            for (kvh, dst) in row.chunks_exact_mut(group * d).enumerate() {
+                let o = ((b * hkv + kvh) * cols + i * group) * d;
+                dst.copy_from_slice(&o_s[o..o + group * d]);
+            }
+        });
+    // lse[b, h, i] = lse_s[b, kvh, i, hg]
+    lse.par_chunks_mut(tq).enumerate().for_each(|(bh, l)| {
+        let (b, h) = (bh / hq, bh % hq);
+        let o = (b * hkv + h / group) * cols + h % group;
+        for (i, y) in l.iter_mut().enumerate() {
+            *y = lse_s[o + i * group];
+        }
+    });
 }
 
 /// `dst[b, t, h, :] = factor · src[b, h, t, ..d]` where `src` holds `src_seq ≥ seq` rows of
