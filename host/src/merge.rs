@@ -125,9 +125,10 @@ pub fn run_merge(a: &MergeArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
     write_checkpoint(&a.out, tensors, WriteOptions::new(dtype))?;
-    let mut cfg_json = config.to_json();
-    cfg_json["torch_dtype"] = serde_json::json!(crate::model::checkpoint::torch_dtype_name(dtype));
-    let mut text = serde_json::to_vec_pretty(&cfg_json)?;
+    // to_json writes both "dtype" (transformers 5) and "torch_dtype" from this field.
+    let mut out_config = config.clone();
+    out_config.torch_dtype = Some(crate::model::checkpoint::torch_dtype_name(dtype).into());
+    let mut text = serde_json::to_vec_pretty(&out_config.to_json())?;
     text.push(b'\n');
     crate::adapter::write_atomic(&a.out.join("config.json"), &text)?;
     for f in COPIED {
