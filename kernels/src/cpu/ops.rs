@@ -150,8 +150,7 @@ fn dropout_backward_impl<M: Mode>(
         return;
     }
     for (i, (d, &g)) in dx.iter_mut().zip(dy).enumerate() {
-        // Adding +0.0 for dropped elements leaves dx's bits as they were (x + 0 = x, and
-        // -0 + 0 is the reference's untouched -0 only when skipped, hence the select).
+        // Dropped elements keep dx as it is (not `+= 0`, which would turn -0 into +0).
         if dropout_keep(seed, first + i as u64, p) {
             *d += g * scale;
         }
@@ -229,8 +228,8 @@ pub fn rmsnorm_forward(
     );
     let w = r::norm_weight(op, w, dim);
     if rows == 0 || dim == 0 {
-        rstd.fill(1.0 / eps.sqrt());
-        return;
+        // Nothing to split (and dim = 0 gives the reference's 0/0).
+        return r::rmsnorm_forward_generic(x, &w, y, rstd, rows, dim, eps);
     }
     let rb = rows_per_task(dim);
     y.par_chunks_mut(rb * dim)

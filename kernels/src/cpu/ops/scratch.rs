@@ -1,6 +1,11 @@
 //! Scratch buffers that outlive the op that used them: a few per calling thread are kept
 //! for the next call, so large temporaries (attention's padded copies) are not handed back
 //! to the OS and faulted in again on every call.
+//!
+//! Memory: each thread keeps at most [`KEEP`] buffers, the largest it has used; for
+//! attention that is about 2x its activations (padded K and V, the output or dQ/dK/dV
+//! before their final layout) on the calling thread plus one task's padded inputs per
+//! worker. The ops run on the backend's own pool, so dropping the backend frees them.
 
 use std::cell::RefCell;
 use std::ops::{Deref, DerefMut};
