@@ -166,9 +166,7 @@ fn gemm<M: Mode>(
     }
 }
 
-// The AVX-512 intrinsics are stable since Rust 1.89, after the workspace's rust-version.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::incompatible_msrv)]
 mod x86 {
     use std::arch::x86_64::*;
 
