@@ -333,8 +333,9 @@ fn matmul_with_empty_k_scales_c() {
 #[test]
 fn results_do_not_depend_on_thread_count() {
     let mut rng = Rng::new(4);
-    let cpus = [fast(1), fast(2), fast(3)];
-    // Shapes whose row blocks and panel groups split differently for 1, 2 and 3 threads.
+    let cpus = [fast(1), fast(2), fast(3), fast(8)];
+    // Shapes whose row blocks and panel groups split differently for 1, 2, 3 and 8 threads
+    // (8 on this 2-core machine: more threads than row tiles, panels split into groups).
     for &(m, n, k) in &[
         (300, 200, 500),
         (40, 900, 64),
@@ -352,7 +353,7 @@ fn results_do_not_depend_on_thread_count() {
             })
             .collect();
         assert!(
-            outs[0] == outs[1] && outs[0] == outs[2],
+            outs.iter().all(|o| *o == outs[0]),
             "{m}x{n}x{k}: bits differ"
         );
         let d = LoraDims {
@@ -390,7 +391,7 @@ fn results_do_not_depend_on_thread_count() {
             })
             .collect();
         assert!(
-            grads[0] == grads[1] && grads[0] == grads[2],
+            grads.iter().all(|g| *g == grads[0]),
             "LoRA {m}x{n}x{k}: bits differ"
         );
     }
