@@ -51,8 +51,13 @@ pub fn inv_freq(head_dim: usize, theta: f64, scaling: RopeScaling) -> Vec<f32> {
             base.iter()
                 .map(|&f| {
                     let wavelen = 2.0 * std::f32::consts::PI / f;
-                    let scaled = if wavelen > low_freq_wavelen { f / factor } else { f };
-                    let medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+                    let scaled = if wavelen > low_freq_wavelen {
+                        f / factor
+                    } else {
+                        f
+                    };
+                    // HF: ~(wavelen < high) & ~(wavelen > low), i.e. high <= wavelen <= low.
+                    let medium = wavelen >= high_freq_wavelen && wavelen <= low_freq_wavelen;
                     if medium {
                         let smooth = (old_len as f32 / wavelen - low_freq_factor as f32)
                             / (high_freq_factor - low_freq_factor) as f32;
@@ -68,7 +73,10 @@ pub fn inv_freq(head_dim: usize, theta: f64, scaling: RopeScaling) -> Vec<f32> {
 
 impl RopeTable {
     pub fn new(head_dim: usize, theta: f64, scaling: RopeScaling, positions: usize) -> Self {
-        assert!(head_dim % 2 == 0, "RoPE needs an even head_dim, got {head_dim}");
+        assert!(
+            head_dim.is_multiple_of(2),
+            "RoPE needs an even head_dim, got {head_dim}"
+        );
         let freqs = inv_freq(head_dim, theta, scaling);
         let half = head_dim / 2;
         let mut cos = Vec::with_capacity(positions * half);
@@ -81,7 +89,12 @@ impl RopeTable {
                 sin.push(angle.sin() as f32);
             }
         }
-        RopeTable { head_dim, positions, cos, sin }
+        RopeTable {
+            head_dim,
+            positions,
+            cos,
+            sin,
+        }
     }
 }
 

@@ -218,6 +218,37 @@ fn check_variant<B: Backend>(be: &B, variant: &str, dir: &Path) {
         ours_new < ours,
         "one SGD step should lower the loss on its own batch"
     );
+
+    // 4. merged into the base (W + scale·B·A) and exported, transformers alone gives that loss
+    let merged_dir = dir.join(format!("merged-{}", be.name().replace(' ', "_")));
+    run_merge(&MergeArgs {
+        model: model_dir.clone(),
+        adapter: ours_dir.clone(),
+        out: merged_dir.clone(),
+        dtype: None,
+    })
+    .expect("merge runs");
+    let printed = script(&[
+        "loss",
+        &merged_dir.display().to_string(),
+        "none",
+        &dir.join("batch.json").display().to_string(),
+    ])
+    .expect("loss script runs")
+    .expect("packages present");
+    let merged_loss =
+        serde_json::from_str::<serde_json::Value>(printed.trim()).expect("json")["loss"]
+            .as_f64()
+            .expect("loss");
+    assert!(
+        rel(merged_loss, ours_new) < 1e-4,
+        "{variant}: merged model's loss {merged_loss} vs adapter {ours_new}"
+    );
+    println!(
+        "{variant} on {}: merged model in transformers: loss rel err {:.2e}",
+        be.name(),
+        rel(merged_loss, ours_new)
+    );
 }
 
 fn run(variant: &str) {

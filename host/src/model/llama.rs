@@ -532,6 +532,7 @@ fn check_ids(ids: &[i32], vocab: usize, what: &str) -> Result<()> {
 /// Forward over a `[batch, seq]` batch: fills `ws` (saved activations, logits, per-row
 /// losses) and returns the loss sum and target count. With `grad_scale`, the logits buffer
 /// is left holding `grad_scale · ∂loss_sum/∂logits` for [`backward`].
+#[allow(clippy::too_many_arguments)]
 pub fn forward<B: Backend>(
     be: &B,
     model: &Model<B>,

@@ -14,7 +14,11 @@ pub struct CpuWeight {
 
 enum Storage {
     /// Aligned view into shared bytes (`offset` in bytes).
-    Shared { bytes: SharedBytes, offset: usize, dtype: WeightDType },
+    Shared {
+        bytes: SharedBytes,
+        offset: usize,
+        dtype: WeightDType,
+    },
     F32(Vec<f32>),
     F16(Vec<f16>),
     Bf16(Vec<bf16>),
@@ -30,9 +34,10 @@ pub enum WeightSlice<'a> {
 
 impl CpuWeight {
     pub fn new(src: &WeightSource) -> Result<Self, KernelError> {
-        let len = src.rows.checked_mul(src.cols).ok_or_else(|| {
-            KernelError(format!("weight {}x{} overflows", src.rows, src.cols))
-        })?;
+        let len = src
+            .rows
+            .checked_mul(src.cols)
+            .ok_or_else(|| KernelError(format!("weight {}x{} overflows", src.rows, src.cols)))?;
         let bytes: &[u8] = (*src.bytes).as_ref();
         let end = src
             .offset
@@ -54,24 +59,37 @@ impl CpuWeight {
             WeightDType::F16 | WeightDType::Bf16 => align_of::<u16>(),
         };
         // Little-endian targets only read the bytes in place; others copy and convert.
-        let data = if cfg!(target_endian = "little") && (raw.as_ptr() as usize) % align == 0 {
-            Storage::Shared { bytes: src.bytes.clone(), offset: src.offset, dtype: src.dtype }
-        } else {
-            match src.dtype {
-                WeightDType::F32 => Storage::F32(
-                    raw.chunks_exact(4)
-                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                        .collect(),
-                ),
-                WeightDType::F16 => Storage::F16(
-                    raw.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]])).collect(),
-                ),
-                WeightDType::Bf16 => Storage::Bf16(
-                    raw.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect(),
-                ),
-            }
-        };
-        Ok(CpuWeight { rows: src.rows, cols: src.cols, data })
+        let data =
+            if cfg!(target_endian = "little") && (raw.as_ptr() as usize).is_multiple_of(align) {
+                Storage::Shared {
+                    bytes: src.bytes.clone(),
+                    offset: src.offset,
+                    dtype: src.dtype,
+                }
+            } else {
+                match src.dtype {
+                    WeightDType::F32 => Storage::F32(
+                        raw.chunks_exact(4)
+                            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                            .collect(),
+                    ),
+                    WeightDType::F16 => Storage::F16(
+                        raw.chunks_exact(2)
+                            .map(|b| f16::from_le_bytes([b[0], b[1]]))
+                            .collect(),
+                    ),
+                    WeightDType::Bf16 => Storage::Bf16(
+                        raw.chunks_exact(2)
+                            .map(|b| bf16::from_le_bytes([b[0], b[1]]))
+                            .collect(),
+                    ),
+                }
+            };
+        Ok(CpuWeight {
+            rows: src.rows,
+            cols: src.cols,
+            data,
+        })
     }
 
     pub fn dtype(&self) -> WeightDType {
@@ -87,7 +105,11 @@ impl CpuWeight {
     pub fn slice(&self) -> WeightSlice<'_> {
         let len = self.rows * self.cols;
         match &self.data {
-            Storage::Shared { bytes, offset, dtype } => {
+            Storage::Shared {
+                bytes,
+                offset,
+                dtype,
+            } => {
                 let ptr = (**bytes).as_ref()[*offset..].as_ptr();
                 // SAFETY: `new` checked that `offset + len·size` lies inside the bytes, that
                 // the pointer is aligned for the element type and that the target is little
