@@ -500,6 +500,32 @@ pub fn embedding_forward(table: &CpuWeight, ids: &[i32], out: &mut [f32]) {
         });
 }
 
+multiversion! {
+    fn scatter_add_rows(block: &mut [f32], first: usize, ids: &[i32], dout: &[f32], dim: usize)
+        = scatter_add_rows_impl;
+}
+/// `block` holds table rows `first..`; adds `dout[t]` to the row of every `ids[t]` in it.
+#[inline(always)]
+fn scatter_add_rows_impl<M: Mode>(
+    block: &mut [f32],
+    first: usize,
+    ids: &[i32],
+    dout: &[f32],
+    dim: usize,
+) {
+    let rows = first..first + block.len() / dim;
+    for (t, &id) in ids.iter().enumerate() {
+        let id = id as usize;
+        if rows.contains(&id) {
+            let o = (id - first) * dim;
+            let (y, x) = (&mut block[o..o + dim], &dout[t * dim..(t + 1) * dim]);
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y += x;
+            }
+        }
+    }
+}
+
 /// Scatter-add without write conflicts: each task owns a range of table rows and adds, in
 /// token order, the tokens whose id falls in it (the reference's order, so the same bits).
 pub fn embedding_backward(ids: &[i32], dout: &[f32], dtable: &mut [f32]) {
@@ -512,20 +538,7 @@ pub fn embedding_backward(ids: &[i32], dout: &[f32], dtable: &mut [f32]) {
     dtable
         .par_chunks_mut(rows * dim)
         .enumerate()
-        .for_each(|(c, block)| {
-            let (lo, hi) = (c * rows, c * rows + block.len() / dim);
-            for (t, &id) in ids.iter().enumerate() {
-                let id = id as usize;
-                if (lo..hi).contains(&id) {
-                    let o = (id - lo) * dim;
-                    axpy_impl::<simd::Plain>(
-                        &mut block[o..o + dim],
-                        1.0,
-                        &dout[t * dim..(t + 1) * dim],
-                    );
-                }
-            }
-        });
+        .for_each(|(c, block)| scatter_add_rows(block, c * rows, ids, dout, dim));
 }
 
 multiversion! {
