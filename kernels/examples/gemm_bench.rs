@@ -6,10 +6,11 @@
 //!     [--threads 1,2] [--seconds 0.3] [--filter lm_head] [--simd avx2] [--cpu-time]
 //! ```
 //! `--simd avx2|portable` runs another instruction set's kernels than this CPU's best.
-//! `--large` adds TinyLlama-1.1B shapes (hidden 2048, intermediate 5632, vocab 32000, m=512).
-//! Each row runs the op repeatedly for about `--seconds` and prints the best and the median
-//! rate of those runs. `--cpu-time` times by process CPU time / threads instead of wall time
-//! (tuning on a machine others use; counts rayon's idle spinning too).
+//! `--large` adds TinyLlama-1.1B shapes (hidden 2048, intermediate 5632, vocab 32000, m=512)
+//! and decoding (m = 1 and 8). Each row runs the op repeatedly for about `--seconds` and
+//! prints the best and the median rate of those runs. `--cpu-time` times one-thread runs by
+//! the worker thread's CPU time instead of wall time (for a machine others use too; runs
+//! with more threads stay on wall time).
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -111,9 +112,9 @@ fn weight(n: usize, k: usize, dtype: WeightDType) -> WeightSource {
     }
 }
 
-/// Seconds of CPU time this process has used (all threads), where the OS says.
+/// Seconds of CPU time the calling thread has used, where the OS says.
 #[cfg(target_os = "linux")]
-fn process_cpu_seconds() -> f64 {
+fn thread_cpu_seconds() -> f64 {
     #[repr(C)]
     struct Timespec {
         sec: i64,
@@ -122,34 +123,38 @@ fn process_cpu_seconds() -> f64 {
     unsafe extern "C" {
         fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
     }
-    const CLOCK_PROCESS_CPUTIME_ID: i32 = 2;
+    const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
     let mut ts = Timespec { sec: 0, nsec: 0 };
     // SAFETY: `ts` is a valid timespec (two 64-bit fields on 64-bit Linux).
-    if unsafe { clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &mut ts) } != 0 {
+    if unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
         return f64::NAN;
     }
     ts.sec as f64 + ts.nsec as f64 * 1e-9
 }
 #[cfg(not(target_os = "linux"))]
-fn process_cpu_seconds() -> f64 {
+fn thread_cpu_seconds() -> f64 {
     f64::NAN
 }
 
 /// Runs `f` for about `seconds` (at least 3 times after a warm-up); (best, median) seconds
-/// of wall time, or of process CPU time divided by `cpu_div` when `cpu_div > 0` (a figure
-/// other processes on a busy machine disturb less).
-fn time(seconds: f64, cpu_div: f64, mut f: impl FnMut()) -> (f64, f64) {
+/// of wall time or, with `cpu_of: Some(cpu)` (a one-thread backend), of CPU time of the
+/// backend's worker thread, which other processes on a busy machine disturb less.
+fn time(seconds: f64, cpu_of: Option<&Cpu>, mut f: impl FnMut() + Send) -> (f64, f64) {
     f();
     let start = Instant::now();
     let mut t = Vec::new();
     while t.len() < 3 || (start.elapsed().as_secs_f64() < seconds && t.len() < 1000) {
         let s = Instant::now();
-        let c = process_cpu_seconds();
-        f();
-        if cpu_div > 0.0 {
-            t.push((process_cpu_seconds() - c) / cpu_div);
-        } else {
-            t.push(s.elapsed().as_secs_f64());
+        match cpu_of {
+            Some(cpu) => t.push(cpu.install(|| {
+                let c = thread_cpu_seconds();
+                f();
+                thread_cpu_seconds() - c
+            })),
+            None => {
+                f();
+                t.push(s.elapsed().as_secs_f64());
+            }
         }
     }
     t.sort_by(f64::total_cmp);
@@ -195,7 +200,7 @@ fn main() {
             }
         };
         let simd = o.simd;
-        let div = if o.cpu_time { threads as f64 } else { 0.0 };
+        let cpu_of = (o.cpu_time && threads == 1).then_some(&cpu);
         let fma = measure_fma_peak(&cpu, 0.5);
         let peak = measure_matmul_peak(&cpu, 1.0);
         println!(
@@ -230,11 +235,11 @@ fn main() {
             let dy = fill(m * n, 2);
             let mut y = vec![0.0; m * n];
             let mut dx = vec![0.0; m * k];
-            let t = time(o.seconds, div, || {
+            let t = time(o.seconds, cpu_of, || {
                 cpu.install(|| mm::linear_forward_with(simd, &x, &w, &mut y, m, false))
             });
             row(&format!("{name} linear_forward"), m, n, k, flops, t);
-            let t = time(o.seconds, div, || {
+            let t = time(o.seconds, cpu_of, || {
                 cpu.install(|| mm::linear_backward_input_with(simd, &dy, &w, &mut dx, m, true))
             });
             row(&format!("{name} linear_backward_input"), m, k, n, flops, t);
@@ -265,11 +270,11 @@ fn main() {
                 vec![0.0; m * k],
             );
             let fwd = 2.0 * (m * r * (k + n)) as f64;
-            let t = time(o.seconds, div, || {
+            let t = time(o.seconds, cpu_of, || {
                 cpu.install(|| mm::lora_forward_with(simd, &x, &a, &b, d, &mut u, &mut y))
             });
             row(&format!("{name} lora_forward r8"), m, n, k, fwd, t);
-            let t = time(o.seconds, div, || {
+            let t = time(o.seconds, cpu_of, || {
                 cpu.install(|| {
                     mm::lora_backward_with(
                         simd,

@@ -34,6 +34,12 @@ trait Vector: Copy {
     /// `self · b + c`.
     unsafe fn fma(self, b: Self, c: Self) -> Self;
     unsafe fn sum(self) -> f32;
+    /// The sums of eight vectors (one reduction tree instead of eight).
+    #[inline(always)]
+    unsafe fn sum8(v: [Self; 8]) -> [f32; 8] {
+        // SAFETY: forwarded contract.
+        v.map(|x| unsafe { x.sum() })
+    }
 }
 
 /// Eight plain lanes; fused only where the target always has FMA.
@@ -116,6 +122,45 @@ mod x86 {
         unsafe fn sum(self) -> f32 {
             // SAFETY: as above.
             unsafe { _mm512_reduce_add_ps(self.0) }
+        }
+        #[inline(always)]
+        unsafe fn sum8(v: [Self; 8]) -> [f32; 8] {
+            // SAFETY: as above (register-only shuffles and adds, one 32-byte store).
+            unsafe {
+                // Halve the width three times, two vectors at a time: 512-bit halves, then
+                // 128-bit quarters, then pairs inside each 128-bit lane.
+                let half = |a: Z, b: Z| {
+                    _mm512_add_ps(
+                        _mm512_shuffle_f32x4::<0x44>(a.0, b.0),
+                        _mm512_shuffle_f32x4::<0xEE>(a.0, b.0),
+                    )
+                };
+                let (t01, t23, t45, t67) = (
+                    half(v[0], v[1]),
+                    half(v[2], v[3]),
+                    half(v[4], v[5]),
+                    half(v[6], v[7]),
+                );
+                let quarter = |a: __m512, b: __m512| {
+                    _mm512_add_ps(
+                        _mm512_shuffle_f32x4::<0x88>(a, b),
+                        _mm512_shuffle_f32x4::<0xDD>(a, b),
+                    )
+                };
+                // Lane L (128 bits) of u0 holds four partial sums of v[L], of u1 of v[4 + L].
+                let (u0, u1) = (quarter(t01, t23), quarter(t45, t67));
+                let p = _mm512_add_ps(
+                    _mm512_shuffle_ps::<0b10_00_10_00>(u0, u1),
+                    _mm512_shuffle_ps::<0b11_01_11_01>(u0, u1),
+                );
+                let r = _mm512_add_ps(p, _mm512_shuffle_ps::<0b10_11_00_01>(p, p));
+                // Element 0 of lane L is the sum of v[L], element 2 that of v[4 + L].
+                let idx = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+                let s = _mm512_permutexvar_ps(idx, r);
+                let mut out = [0.0f32; 8];
+                _mm256_storeu_ps(out.as_mut_ptr(), _mm512_castps512_ps256(s));
+                out
+            }
         }
     }
 
@@ -212,8 +257,9 @@ unsafe fn dots<V: Vector>(
                     }
                     p += l;
                 }
+                let (h0, h1) = (V::sum8(a0), V::sum8(a1));
                 for q in 0..RG.min(r - q0) {
-                    let (mut s0, mut s1) = (a0[q].sum(), a1[q].sum());
+                    let (mut s0, mut s1) = (h0[q], h1[q]);
                     for pp in kv..k {
                         let wv = *wq.add(q * k + pp);
                         s0 += *x0.add(pp) * wv;
