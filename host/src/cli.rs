@@ -50,6 +50,8 @@ pub enum Command {
     InitModel(crate::init_model::InitModelArgs),
     /// Write the built-in synthetic multi-domain corpus as JSONL (all domains or some).
     GenCorpus(crate::corpus::GenCorpusArgs),
+    /// Write PEFT's fresh init of a LoRA adapter for a model (round 0's global adapter).
+    InitAdapter(crate::cli_model::InitAdapterArgs),
     /// One client: centralized LoRA fine-tuning; writes a PEFT adapter.
     Train(crate::cli_model::TrainArgs),
     /// Fold a PEFT LoRA adapter into its base model and write an HF model directory.
@@ -322,6 +324,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Train(a) => crate::cli_model::run_train(&a),
+        Command::InitAdapter(a) => crate::cli_model::run_init_adapter(&a),
         Command::Merge(a) => crate::merge::run_merge(&a),
         Command::Eval(a) => {
             let report = crate::cli_model::run_eval(&a)?;

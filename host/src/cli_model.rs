@@ -564,3 +564,38 @@ pub fn run_generate(a: &GenerateArgs) -> Result<String> {
     )?;
     lm.tokenizer.decode(&ids, true)
 }
+
+#[derive(Args, Debug, Clone)]
+pub struct InitAdapterArgs {
+    /// HF LLaMA model directory the adapter is for.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Output PEFT adapter directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub lora: LoraArgs,
+    /// Seed of PEFT's init (A kaiming-uniform; B = 0).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Writes PEFT's fresh init of a LoRA adapter (the global adapter of round 0).
+pub fn run_init_adapter(a: &InitAdapterArgs) -> Result<()> {
+    let cfg = a.lora.config()?;
+    if a.out.exists() && !a.out.is_dir() {
+        bail!("--out {} exists and is not a directory", a.out.display());
+    }
+    let config = LlamaConfig::load(&a.model)?;
+    let be = Cpu::reference();
+    let lora = Lora::init(&be, &config, cfg, a.seed)?;
+    save_lora(&be, &lora, &a.out, &a.model.display().to_string())?;
+    eprintln!(
+        "wrote a fresh LoRA adapter ({} parameters, r={}, {} modules per layer) to {}",
+        lora.num_parameters(),
+        lora.config.r,
+        lora.config.targets.len(),
+        a.out.display()
+    );
+    Ok(())
+}
