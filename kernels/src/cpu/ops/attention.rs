@@ -40,6 +40,8 @@ use crate::cpu::reference_ops::check_attn;
 const BQ: usize = 64;
 /// Keys per tile.
 const BK: usize = 64;
+/// Key tiles per block of the backward (whose dK/dV accumulators stay in cache).
+const KB: usize = 4;
 /// Rows of every tile are padded to a multiple of this (the micro-kernel's row block).
 const ROWS: usize = 8;
 
@@ -697,7 +699,7 @@ struct BackwardWork {
     /// `[BQ, BK]` probabilities and dP / dS.
     p: Scratch,
     ds: Scratch,
-    /// `[BK, dp]` dK and dV accumulators of one key tile.
+    /// `[KB·BK, dp]` dK and dV accumulators of one block of key tiles.
     dk: Scratch,
     dv: Scratch,
 }
@@ -715,8 +717,8 @@ impl BackwardWork {
             vt: Scratch::zeroed(g.kv_pad * dp),
             p: Scratch::zeroed(BQ * BK),
             ds: Scratch::zeroed(BQ * BK),
-            dk: Scratch::zeroed(BK * dp),
-            dv: Scratch::zeroed(BK * dp),
+            dk: Scratch::zeroed(KB * BK * dp),
+            dv: Scratch::zeroed(KB * BK * dp),
         }
     }
 }
@@ -787,12 +789,14 @@ fn backward_group_impl<M: Mode>(
         transpose_rows_impl::<M>(&mut w.vt, kv_pad, &x.v[o..end], hkv * d, d, kv_end);
     }
     dq.fill(0.0);
-    for j0 in (0..kv_end).step_by(BK) {
-        let nk = BK.min(kv_end - j0);
-        w.dk.fill(0.0);
-        w.dv.fill(0.0);
-        // The first query that sees key j0, rounded down to the row block.
-        let i_first = j0.saturating_sub(s.q_pos0) / ROWS * ROWS;
+    // Key tiles go in blocks of KB whose dK/dV accumulators stay in cache, so the group's
+    // queries and output gradients stream through once per block, not once per tile.
+    for jb in (0..kv_end).step_by(KB * BK) {
+        let jb_end = (jb + KB * BK).min(kv_end);
+        w.dk[..(jb_end - jb) * dp].fill(0.0);
+        w.dv[..(jb_end - jb) * dp].fill(0.0);
+        // The first query that sees key jb, rounded down to the row block.
+        let i_first = jb.saturating_sub(s.q_pos0) / ROWS * ROWS;
         for hg in 0..g.group {
             let q_h = &w.q[hg * tq_pad * dp..(hg + 1) * tq_pad * dp];
             let do_h = &w.dout[hg * tq_pad * dp..(hg + 1) * tq_pad * dp];
@@ -803,82 +807,85 @@ fn backward_group_impl<M: Mode>(
                 let mp = round_up(rows, ROWS);
                 let q_t = &q_h[i0 * dp..(i0 + mp) * dp];
                 let do_t = &do_h[i0 * dp..(i0 + mp) * dp];
-                // Queries r..r+n see keys < qpos + r + n − j0; key j is seen by queries
-                // r ≥ j0 + j − qpos. Entries outside are masked or multiply zeros.
                 let qpos = (s.q_pos0 + i0) as isize;
-                let sees = |r: usize, n: usize| {
-                    let keys = (qpos + (r + n) as isize - j0 as isize).clamp(0, BK as isize);
-                    Span {
-                        k: 0..d,
-                        n: 0..keys as usize,
-                    }
-                };
-                let sees_k = |r: usize, n: usize| Span {
-                    k: sees(r, n).n,
-                    n: 0..dp,
-                };
-                let seen_by = |j: usize, _: usize| {
-                    let first = ((j0 + j) as isize - qpos).clamp(0, mp as isize) as usize;
-                    Span {
-                        k: first..mp,
-                        n: 0..dp,
-                    }
-                };
-                // S = Q·Kᵀ, then P = exp(scale·S − lse) on visible entries, 0 elsewhere.
-                let (kt, vt) = (&w.kt[j0..], &w.vt[j0..]);
-                gemm::<M>(mp, BK, d, q_t, dp, 1, kt, kv_pad, &mut w.p, BK, false, sees);
-                for r in 0..mp {
-                    let prow: &mut [f32; BK] =
-                        (&mut w.p[r * BK..(r + 1) * BK]).try_into().expect("BK");
-                    let last = if r < rows {
-                        g.last_visible(i0 + r, j0, nk)
-                    } else {
-                        -1
+                // Key tiles of the block that the tile's last query sees.
+                let j_end = (s.q_pos0 + i0 + rows).min(jb_end);
+                for j0 in (jb..j_end).step_by(BK) {
+                    let nk = BK.min(kv_end - j0);
+                    // Queries r..r+n see keys < qpos + r + n − j0; key j is seen by
+                    // queries r ≥ j0 + j − qpos. Entries outside are masked or multiply
+                    // zeros.
+                    let sees = |r: usize, n: usize| {
+                        let keys = (qpos + (r + n) as isize - j0 as isize).clamp(0, BK as isize);
+                        Span {
+                            k: 0..d,
+                            n: 0..keys as usize,
+                        }
                     };
-                    if last < 0 {
-                        prow.fill(0.0);
-                        continue;
-                    }
-                    let l = lse_h[i0 + r];
-                    if last as usize >= BK - 1 {
-                        for p in prow.iter_mut() {
-                            *p = simd::exp::<M>(M::fma(*p, scale, -l));
+                    let sees_k = |r: usize, n: usize| Span {
+                        k: sees(r, n).n,
+                        n: 0..dp,
+                    };
+                    let seen_by = |j: usize, _: usize| {
+                        let first = ((j0 + j) as isize - qpos).clamp(0, mp as isize) as usize;
+                        Span {
+                            k: first..mp,
+                            n: 0..dp,
                         }
-                    } else {
-                        for (c, p) in prow.iter_mut().enumerate() {
-                            let e = simd::exp::<M>(M::fma(*p, scale, -l));
-                            *p = if c as isize <= last { e } else { 0.0 };
+                    };
+                    // S = Q·Kᵀ, then P = exp(scale·S − lse) on visible entries, 0 elsewhere.
+                    let (kt, vt) = (&w.kt[j0..], &w.vt[j0..]);
+                    gemm::<M>(mp, BK, d, q_t, dp, 1, kt, kv_pad, &mut w.p, BK, false, sees);
+                    for r in 0..mp {
+                        let prow: &mut [f32; BK] =
+                            (&mut w.p[r * BK..(r + 1) * BK]).try_into().expect("BK");
+                        let last = if r < rows {
+                            g.last_visible(i0 + r, j0, nk)
+                        } else {
+                            -1
+                        };
+                        if last < 0 {
+                            prow.fill(0.0);
+                            continue;
+                        }
+                        let l = lse_h[i0 + r];
+                        if last as usize >= BK - 1 {
+                            for p in prow.iter_mut() {
+                                *p = simd::exp::<M>(M::fma(*p, scale, -l));
+                            }
+                        } else {
+                            for (c, p) in prow.iter_mut().enumerate() {
+                                let e = simd::exp::<M>(M::fma(*p, scale, -l));
+                                *p = if c as isize <= last { e } else { 0.0 };
+                            }
                         }
                     }
-                }
-                // dV += Pᵀ·dO
-                gemm::<M>(
-                    BK, dp, mp, &w.p, 1, BK, do_t, dp, &mut w.dv, dp, true, seen_by,
-                );
-                // dP = dO·Vᵀ; dS = P ⊙ (dP − Δ)
-                gemm::<M>(
-                    mp, BK, d, do_t, dp, 1, vt, kv_pad, &mut w.ds, BK, false, sees,
-                );
-                for r in 0..mp {
-                    let dl = if r < rows { delta_h[i0 + r] } else { 0.0 };
-                    let prow: &[f32; BK] = (&w.p[r * BK..(r + 1) * BK]).try_into().expect("BK");
-                    let dsrow: &mut [f32; BK] =
-                        (&mut w.ds[r * BK..(r + 1) * BK]).try_into().expect("BK");
-                    for (ds, &p) in dsrow.iter_mut().zip(prow) {
-                        *ds = p * (*ds - dl);
+                    let (dk_t, dv_t) = (&mut w.dk[(j0 - jb) * dp..], &mut w.dv[(j0 - jb) * dp..]);
+                    // dV += Pᵀ·dO
+                    gemm::<M>(BK, dp, mp, &w.p, 1, BK, do_t, dp, dv_t, dp, true, seen_by);
+                    // dP = dO·Vᵀ; dS = P ⊙ (dP − Δ)
+                    gemm::<M>(
+                        mp, BK, d, do_t, dp, 1, vt, kv_pad, &mut w.ds, BK, false, sees,
+                    );
+                    for r in 0..mp {
+                        let dl = if r < rows { delta_h[i0 + r] } else { 0.0 };
+                        let prow: &[f32; BK] = (&w.p[r * BK..(r + 1) * BK]).try_into().expect("BK");
+                        let dsrow: &mut [f32; BK] =
+                            (&mut w.ds[r * BK..(r + 1) * BK]).try_into().expect("BK");
+                        for (ds, &p) in dsrow.iter_mut().zip(prow) {
+                            *ds = p * (*ds - dl);
+                        }
                     }
+                    // dK += dSᵀ·Q; dQ += dS·K
+                    gemm::<M>(BK, dp, mp, &w.ds, 1, BK, q_t, dp, dk_t, dp, true, seen_by);
+                    let dq_t = &mut dq[(hg * tq_pad + i0) * dp..(hg * tq_pad + i0 + mp) * dp];
+                    let k_t = &w.k[j0 * dp..];
+                    gemm::<M>(mp, dp, BK, &w.ds, BK, 1, k_t, dp, dq_t, dp, true, sees_k);
                 }
-                // dK += dSᵀ·Q; dQ += dS·K
-                gemm::<M>(
-                    BK, dp, mp, &w.ds, 1, BK, q_t, dp, &mut w.dk, dp, true, seen_by,
-                );
-                let dq_t = &mut dq[(hg * tq_pad + i0) * dp..(hg * tq_pad + i0 + mp) * dp];
-                let k_t = &w.k[j0 * dp..];
-                gemm::<M>(mp, dp, BK, &w.ds, BK, 1, k_t, dp, dq_t, dp, true, sees_k);
             }
         }
-        for c in 0..nk {
-            let j = j0 + c;
+        for j in jb..jb_end {
+            let c = j - jb;
             for (y, &x) in dk[j * d..(j + 1) * d]
                 .iter_mut()
                 .zip(&w.dk[c * dp..c * dp + d])
