@@ -18,9 +18,10 @@
 //! Backward: one task per (batch, KV head), so that the task owns the gradients it writes:
 //! `dK`, `dV` of its KV head and `dQ` of the query heads that read it. It first copies its
 //! inputs into padded buffers of its own (queries and output gradients of the group, keys,
-//! keys and values transposed, lse and `Δ = rowsum(dO ⊙ O)`), then for each key tile keeps
-//! `dK`, `dV` accumulators and walks every query tile (of every head in the group) that
-//! sees it: it recomputes `P = exp(scale·Q·Kᵀ − lse)` from the saved log-sum-exp, then
+//! keys and values transposed, lse and `Δ = rowsum(dO ⊙ O)`), then for each block of [`KB`]
+//! key tiles keeps `dK`, `dV` accumulators and walks every query tile (of every head in the
+//! group) that sees the block, and each key tile of the block that the query tile sees: it
+//! recomputes `P = exp(scale·Q·Kᵀ − lse)` from the saved log-sum-exp, then
 //! `dV += Pᵀ·dO`, `dP = dO·Vᵀ`, `dS = P ⊙ (dP − Δ)`, `dK += dSᵀ·Q`, `dQ += dS·K` (the
 //! scale applied once at the end).
 //!
