@@ -100,8 +100,9 @@ const DTYPES: [WeightDType; 3] = [WeightDType::F32, WeightDType::F16, WeightDTyp
 
 /// (m, n, k): ones, odd sizes, edge tiles of the 14×32 (and 6×16, 4×16) microkernels, more
 /// than one k block (k > 384) and more than one column block of packed B (n·k > 256 Ki);
-/// m ≤ 16 with a transposed B takes the unpacked path (rows widened piecewise, k > 512).
-const SHAPES: [(usize, usize, usize); 13] = [
+/// m ≤ 16 with a transposed B takes the unpacked path (rows widened piecewise, k > 512);
+/// on two threads the last two take column chunks (one with a partial last panel).
+const SHAPES: [(usize, usize, usize); 14] = [
     (1, 1, 1),
     (1, 3, 17),
     (3, 17, 33),
@@ -115,6 +116,7 @@ const SHAPES: [(usize, usize, usize); 13] = [
     (2, 41, 1100),
     (31, 47, 777),
     (20, 800, 400),
+    (45, 1000, 70),
 ];
 
 #[test]
