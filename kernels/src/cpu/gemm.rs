@@ -22,9 +22,11 @@
 //!   panel of the packed block (streamed from L2).
 //! - **Few rows** (`m ≤ 16`, B transposed: decoding): no packing at all, see
 //!   `lora::skinny_trans_b`.
-//! - **Threads**: the rayon pool the call runs in (`Cpu::install`). Packing is split over
-//!   panels; the product over tasks of whole `MR` tiles (about `MC` rows, a multiple of the
-//!   thread count) and, when there are too few row blocks for the threads, groups of panels.
+//! - **Threads**: the rayon pool the call runs in (`Cpu::install`), in one of two ways.
+//!   *Row blocks*: B's block is packed once and shared; tasks are whole `MR` tiles (about
+//!   `MC` rows, a multiple of the thread count), and groups of panels when rows are few.
+//!   *Column chunks* (many packed blocks, or `m ≤ 1024`): each task packs its own panels block
+//!   by block and computes all rows for them, with no synchronisation inside the call.
 //!   Block sizes never depend on the thread count and every element is summed in the same
 //!   order, so results are bitwise identical for any number of threads.
 //! - **ISA** ([`Simd`]): chosen at run time: AVX-512F, else AVX2+FMA (x86-64), else a
