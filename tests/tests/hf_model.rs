@@ -92,6 +92,21 @@ fn read_batch(path: &Path) -> Batch {
     }
 }
 
+/// transformers' (+ PEFT's, unless `adapter` is "none") loss on the test's batch.
+fn python_loss(model: &Path, adapter: &Path, dir: &Path) -> f64 {
+    let printed = script(&[
+        "loss",
+        &model.display().to_string(),
+        &adapter.display().to_string(),
+        &dir.join("batch.json").display().to_string(),
+    ])
+    .expect("loss script runs")
+    .expect("packages present");
+    serde_json::from_str::<serde_json::Value>(printed.trim()).expect("json")["loss"]
+        .as_f64()
+        .expect("loss")
+}
+
 fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(1e-12)
 }
@@ -198,18 +213,7 @@ fn check_variant<B: Backend>(be: &B, variant: &str, dir: &Path) {
     )
     .expect("forward runs");
     let ours_new = l2.sum / l2.count as f64;
-    let printed = script(&[
-        "loss",
-        &model_dir.display().to_string(),
-        &ours_dir.display().to_string(),
-        &dir.join("batch.json").display().to_string(),
-    ])
-    .expect("loss script runs")
-    .expect("packages present");
-    let peft_loss =
-        serde_json::from_str::<serde_json::Value>(printed.trim()).expect("json")["loss"]
-            .as_f64()
-            .expect("loss");
+    let peft_loss = python_loss(&model_dir, &ours_dir, dir);
     assert!(
         rel(ours_new, peft_loss) < 1e-4,
         "{variant}: our adapter's loss {ours_new} vs PEFT's {peft_loss}"
@@ -228,18 +232,7 @@ fn check_variant<B: Backend>(be: &B, variant: &str, dir: &Path) {
         dtype: None,
     })
     .expect("merge runs");
-    let printed = script(&[
-        "loss",
-        &merged_dir.display().to_string(),
-        "none",
-        &dir.join("batch.json").display().to_string(),
-    ])
-    .expect("loss script runs")
-    .expect("packages present");
-    let merged_loss =
-        serde_json::from_str::<serde_json::Value>(printed.trim()).expect("json")["loss"]
-            .as_f64()
-            .expect("loss");
+    let merged_loss = python_loss(&merged_dir, Path::new("none"), dir);
     assert!(
         rel(merged_loss, ours_new) < 1e-4,
         "{variant}: merged model's loss {merged_loss} vs adapter {ours_new}"

@@ -423,6 +423,37 @@ pub struct Mode {
     pub dropout_seed: Option<u64>,
 }
 
+impl<B: Backend> LoraModule<B> {
+    fn dims(&self, lcfg: &LoraConfig, m: usize) -> LoraDims {
+        LoraDims {
+            m,
+            k: self.in_features,
+            n: self.out_features,
+            r: lcfg.r,
+            scale: lcfg.scale(),
+        }
+    }
+}
+
+/// LoRA's input: `x` itself, or `drop(x)` (recomputed from the seed) in a dropout scratch.
+/// Returns the scratch pair when dropout applies.
+fn lora_input<'d, B: Backend>(
+    be: &B,
+    lcfg: &LoraConfig,
+    x: &B::Buf,
+    drops: &'d mut DropBufs<B>,
+    dropout: Option<u64>,
+) -> Option<(&'d mut B::Buf, &'d mut B::Buf, u64)> {
+    match dropout {
+        Some(seed) if lcfg.dropout > 0.0 => {
+            let (drop_x, drop_dx) = drops.get(be, be.buf_len(x));
+            be.dropout_forward(x, drop_x, lcfg.dropout, seed);
+            Some((drop_x, drop_dx, seed))
+        }
+        _ => None,
+    }
+}
+
 /// `y = x·Wᵀ (+ scale·(drop(x)·Aᵀ)·Bᵀ)`, saving LoRA's `u`.
 #[allow(clippy::too_many_arguments)]
 fn project<B: Backend>(
@@ -439,20 +470,10 @@ fn project<B: Backend>(
 ) {
     be.linear_forward(x, w, y, m, false);
     if let (Some(lm), Some(u)) = (lora, u) {
-        let d = LoraDims {
-            m,
-            k: lm.in_features,
-            n: lm.out_features,
-            r: lcfg.r,
-            scale: lcfg.scale(),
-        };
-        match dropout {
-            Some(seed) if lcfg.dropout > 0.0 => {
-                let (drop_x, _) = drops.get(be, be.buf_len(x));
-                be.dropout_forward(x, drop_x, lcfg.dropout, seed);
-                be.lora_forward(drop_x, &lm.a, &lm.b, d, u, y);
-            }
-            _ => be.lora_forward(x, &lm.a, &lm.b, d, u, y),
+        let d = lm.dims(lcfg, m);
+        match lora_input(be, lcfg, x, drops, dropout) {
+            Some((drop_x, _, _)) => be.lora_forward(drop_x, &lm.a, &lm.b, d, u, y),
+            None => be.lora_forward(x, &lm.a, &lm.b, d, u, y),
         }
     }
 }
@@ -476,44 +497,16 @@ fn project_backward<B: Backend>(
 ) {
     be.linear_backward_input(dy, w, dx, m, accumulate);
     if let (Some(lm), Some(u)) = (lora, u) {
-        let d = LoraDims {
-            m,
-            k: lm.in_features,
-            n: lm.out_features,
-            r: lcfg.r,
-            scale: lcfg.scale(),
-        };
-        match dropout {
-            Some(seed) if lcfg.dropout > 0.0 => {
-                let (drop_x, drop_dx) = drops.get(be, be.buf_len(x));
-                be.dropout_forward(x, drop_x, lcfg.dropout, seed);
+        let d = lm.dims(lcfg, m);
+        let LoraModule { a, b, da, db, .. } = lm;
+        match lora_input(be, lcfg, x, drops, dropout) {
+            Some((drop_x, drop_dx, seed)) => {
+                // the gradient reaches x through the same mask
                 be.fill(drop_dx, 0.0);
-                be.lora_backward(
-                    drop_x,
-                    &lm.a,
-                    &lm.b,
-                    u,
-                    dy,
-                    d,
-                    &mut lm.da,
-                    &mut lm.db,
-                    ws_du,
-                    Some(drop_dx),
-                );
+                be.lora_backward(drop_x, a, b, u, dy, d, da, db, ws_du, Some(drop_dx));
                 be.dropout_backward(drop_dx, dx, lcfg.dropout, seed);
             }
-            _ => be.lora_backward(
-                x,
-                &lm.a,
-                &lm.b,
-                u,
-                dy,
-                d,
-                &mut lm.da,
-                &mut lm.db,
-                ws_du,
-                Some(dx),
-            ),
+            None => be.lora_backward(x, a, b, u, dy, d, da, db, ws_du, Some(dx)),
         }
     }
 }
