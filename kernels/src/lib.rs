@@ -55,7 +55,11 @@ pub struct WeightSource {
 impl WeightSource {
     /// A weight that owns its f32 values (tests, LoRA merges, synthetic models).
     pub fn from_f32(values: Vec<f32>, rows: usize, cols: usize) -> Self {
-        assert_eq!(values.len(), rows * cols, "WeightSource::from_f32: {rows}x{cols}");
+        assert_eq!(
+            values.len(),
+            rows * cols,
+            "WeightSource::from_f32: {rows}x{cols}"
+        );
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         WeightSource {
             bytes: Arc::new(bytes),
