@@ -11,6 +11,7 @@
 //! the number of threads.
 use rayon::prelude::*;
 
+use super::checks::{check_lora_backward, check_lora_forward};
 use super::gemm::{BSrc, GemmCall, Simd, widen};
 use crate::LoraDims;
 
@@ -528,13 +529,6 @@ impl SyncPtr {
     }
 }
 
-fn check(op: &str, d: LoraDims, x: &[f32], a: &[f32], b: &[f32]) {
-    let LoraDims { m, k, n, r, .. } = d;
-    assert!(x.len() >= m * k, "{op}: x has {} < {m}x{k} values", x.len());
-    assert!(a.len() >= r * k, "{op}: A has {} < {r}x{k} values", a.len());
-    assert!(b.len() >= n * r, "{op}: B has {} < {n}x{r} values", b.len());
-}
-
 /// Runs `f(block, first_row, rows)` over the row blocks, in parallel when the pool has
 /// threads to spare.
 fn for_blocks(m: usize, bm: usize, f: impl Fn(usize, usize, usize) + Sync) {
@@ -559,17 +553,7 @@ pub(crate) fn forward(
 ) {
     let LoraDims { m, k, n, r, scale } = d;
     simd.check();
-    check("lora_forward", d, x, a, b);
-    assert!(
-        u.len() >= m * r,
-        "lora_forward: u has {} < {m}x{r} values",
-        u.len()
-    );
-    assert!(
-        y.len() >= m * n,
-        "lora_forward: y has {} < {m}x{n} values",
-        y.len()
-    );
+    check_lora_forward(d, x, a, b, u, y);
     if m == 0 || r == 0 {
         return;
     }
@@ -610,39 +594,7 @@ pub(crate) fn backward(
 ) {
     let LoraDims { m, k, n, r, scale } = d;
     simd.check();
-    check("lora_backward", d, x, a, b);
-    assert!(
-        u.len() >= m * r,
-        "lora_backward: u has {} < {m}x{r} values",
-        u.len()
-    );
-    assert!(
-        dy.len() >= m * n,
-        "lora_backward: dy has {} < {m}x{n} values",
-        dy.len()
-    );
-    assert!(
-        da.len() >= r * k,
-        "lora_backward: dA has {} < {r}x{k} values",
-        da.len()
-    );
-    assert!(
-        db.len() >= n * r,
-        "lora_backward: dB has {} < {n}x{r} values",
-        db.len()
-    );
-    assert!(
-        du.len() >= m * r,
-        "lora_backward: du has {} < {m}x{r} values",
-        du.len()
-    );
-    if let Some(dx) = &dx {
-        assert!(
-            dx.len() >= m * k,
-            "lora_backward: dx has {} < {m}x{k} values",
-            dx.len()
-        );
-    }
+    check_lora_backward(d, x, a, b, u, dy, da, db, du, dx.as_deref());
     if m == 0 || r == 0 {
         return;
     }

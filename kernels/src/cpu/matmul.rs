@@ -4,6 +4,7 @@
 //! this CPU; the `*_with` forms take a [`Simd`] (tests check every set the CPU has).
 use std::time::Instant;
 
+use super::checks::{check_linear_backward_input, check_linear_forward, check_matmul};
 pub use super::gemm::Simd;
 use super::gemm::{self, BSrc, GemmCall, gemm};
 use super::{Cpu, CpuWeight, WeightSlice, lora};
@@ -32,31 +33,35 @@ pub fn linear_forward_with(
     accumulate: bool,
 ) {
     let (n, k) = (w.rows, w.cols);
-    assert!(
-        x.len() >= m * k,
-        "linear_forward: x has {} < {m}x{k} values",
-        x.len()
-    );
-    assert!(
-        y.len() >= m * n,
-        "linear_forward: y has {} < {m}x{n} values",
-        y.len()
-    );
-    let g = GemmCall {
+    check_linear_forward(x.len(), y.len(), m, n, k);
+    gemm(simd, &linear_call(x, w, m, n, k, true, accumulate), y);
+}
+
+/// The [`GemmCall`] of a linear op: `C[m,n] (+)= A[m,k] · op(W)` with W `[n,k]` or `[k,n]`
+/// as stored (`trans_b` or not), all row-major and dense.
+fn linear_call<'a>(
+    a: &'a [f32],
+    w: &'a CpuWeight,
+    m: usize,
+    n: usize,
+    k: usize,
+    trans_b: bool,
+    accumulate: bool,
+) -> GemmCall<'a> {
+    GemmCall {
         m,
         n,
         k,
         alpha: 1.0,
         beta: if accumulate { 1.0 } else { 0.0 },
-        a: x,
+        a,
         lda: k,
         trans_a: false,
         b: weight_src(w),
-        ldb: k,
-        trans_b: true,
+        ldb: w.cols,
+        trans_b,
         ldc: n,
-    };
-    gemm(simd, &g, y);
+    }
 }
 
 /// `dx[m,k] (+)= dy[m,n] · W` with W `[n,k]` in its stored dtype.
@@ -80,31 +85,8 @@ pub fn linear_backward_input_with(
     accumulate: bool,
 ) {
     let (n, k) = (w.rows, w.cols);
-    assert!(
-        dy.len() >= m * n,
-        "linear_backward_input: dy has {} < {m}x{n} values",
-        dy.len()
-    );
-    assert!(
-        dx.len() >= m * k,
-        "linear_backward_input: dx has {} < {m}x{k} values",
-        dx.len()
-    );
-    let g = GemmCall {
-        m,
-        n: k,
-        k: n,
-        alpha: 1.0,
-        beta: if accumulate { 1.0 } else { 0.0 },
-        a: dy,
-        lda: n,
-        trans_a: false,
-        b: weight_src(w),
-        ldb: k,
-        trans_b: false,
-        ldc: k,
-    };
-    gemm(simd, &g, dx);
+    check_linear_backward_input(dy.len(), dx.len(), m, n, k);
+    gemm(simd, &linear_call(dy, w, m, k, n, false, accumulate), dx);
 }
 
 /// `C = alpha · op(A) · op(B) + beta · C`, see [`Gemm`].
@@ -123,21 +105,7 @@ pub fn matmul_with(simd: Simd, g: Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
         alpha,
         beta,
     } = g;
-    assert!(
-        a.len() >= m * k,
-        "matmul: A has {} < {m}x{k} values",
-        a.len()
-    );
-    assert!(
-        b.len() >= k * n,
-        "matmul: B has {} < {k}x{n} values",
-        b.len()
-    );
-    assert!(
-        c.len() >= m * n,
-        "matmul: C has {} < {m}x{n} values",
-        c.len()
-    );
+    check_matmul(g, a, b, c);
     let call = GemmCall {
         m,
         n,

@@ -2,6 +2,7 @@
 //! - `reference_*`: plain loops written to be obviously right (the yardstick in tests);
 //! - `matmul`, `ops`: the fast path (SIMD, cache blocking, threads on the backend's pool).
 
+mod checks;
 mod gemm;
 mod lora;
 pub mod matmul;

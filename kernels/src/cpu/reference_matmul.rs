@@ -1,6 +1,10 @@
 //! Plain reference matmul and LoRA ops: straight loops with f64 accumulation, written to be
 //! obviously right. They are the yardstick the fast path (`matmul.rs`) is tested against.
 use super::CpuWeight;
+use super::checks::{
+    check_linear_backward_input, check_linear_forward, check_lora_backward, check_lora_forward,
+    check_matmul,
+};
 use crate::{Gemm, LoraDims};
 
 /// `out[i] = if accumulate { out[i] + v } else { v }`, the one place "accumulate" is decided.
@@ -15,25 +19,22 @@ fn put(out: &mut f32, v: f64, accumulate: bool) {
 /// `y[m,n] (+)= x[m,k] · Wᵀ` with W `[n,k]` widened from its stored dtype.
 pub fn linear_forward(x: &[f32], w: &CpuWeight, y: &mut [f32], m: usize, accumulate: bool) {
     let (n, k) = (w.rows, w.cols);
-    assert!(
-        x.len() >= m * k,
-        "linear_forward: x has {} < {m}x{k} values",
-        x.len()
-    );
-    assert!(
-        y.len() >= m * n,
-        "linear_forward: y has {} < {m}x{n} values",
-        y.len()
-    );
-    let wf = w.to_f32_vec();
-    for i in 0..m {
-        for j in 0..n {
-            let mut s = 0.0f64;
-            for p in 0..k {
-                s += x[i * k + p] as f64 * wf[j * k + p] as f64;
-            }
-            put(&mut y[i * n + j], s, accumulate);
-        }
+    check_linear_forward(x.len(), y.len(), m, n, k);
+    let g = linear_gemm(m, n, k, true, accumulate);
+    matmul(g, x, &w.to_f32_vec(), y);
+}
+
+/// The [`Gemm`] of a linear op: `C[m,n] (+)= A[m,k] · op(W)` (`beta` 1 or 0; `C + s` and
+/// `s` in f64 are the bits `put` gives).
+fn linear_gemm(m: usize, n: usize, k: usize, trans_b: bool, accumulate: bool) -> Gemm {
+    Gemm {
+        m,
+        n,
+        k,
+        trans_a: false,
+        trans_b,
+        alpha: 1.0,
+        beta: if accumulate { 1.0 } else { 0.0 },
     }
 }
 
@@ -46,26 +47,9 @@ pub fn linear_backward_input(
     accumulate: bool,
 ) {
     let (n, k) = (w.rows, w.cols);
-    assert!(
-        dy.len() >= m * n,
-        "linear_backward_input: dy has {} < {m}x{n} values",
-        dy.len()
-    );
-    assert!(
-        dx.len() >= m * k,
-        "linear_backward_input: dx has {} < {m}x{k} values",
-        dx.len()
-    );
-    let wf = w.to_f32_vec();
-    for i in 0..m {
-        for p in 0..k {
-            let mut s = 0.0f64;
-            for j in 0..n {
-                s += dy[i * n + j] as f64 * wf[j * k + p] as f64;
-            }
-            put(&mut dx[i * k + p], s, accumulate);
-        }
-    }
+    check_linear_backward_input(dy.len(), dx.len(), m, n, k);
+    let g = linear_gemm(m, k, n, false, accumulate);
+    matmul(g, dy, &w.to_f32_vec(), dx);
 }
 
 /// `C = alpha · op(A) · op(B) + beta · C`, see [`Gemm`]; `beta = 0` overwrites C.
@@ -79,21 +63,7 @@ pub fn matmul(g: Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
         alpha,
         beta,
     } = g;
-    assert!(
-        a.len() >= m * k,
-        "matmul: A has {} < {m}x{k} values",
-        a.len()
-    );
-    assert!(
-        b.len() >= k * n,
-        "matmul: B has {} < {k}x{n} values",
-        b.len()
-    );
-    assert!(
-        c.len() >= m * n,
-        "matmul: C has {} < {m}x{n} values",
-        c.len()
-    );
+    check_matmul(g, a, b, c);
     let a_at = |i: usize, p: usize| if trans_a { a[p * m + i] } else { a[i * k + p] };
     let b_at = |p: usize, j: usize| if trans_b { b[j * k + p] } else { b[p * n + j] };
     for i in 0..m {
@@ -112,27 +82,10 @@ pub fn matmul(g: Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
     }
 }
 
-fn check_lora(op: &str, d: LoraDims, x: &[f32], a: &[f32], b: &[f32]) {
-    let LoraDims { m, k, n, r, .. } = d;
-    assert!(x.len() >= m * k, "{op}: x has {} < {m}x{k} values", x.len());
-    assert!(a.len() >= r * k, "{op}: A has {} < {r}x{k} values", a.len());
-    assert!(b.len() >= n * r, "{op}: B has {} < {n}x{r} values", b.len());
-}
-
 /// `u[m,r] = x·Aᵀ`; `y[m,n] += scale · u·Bᵀ` (x `[m,k]`, A `[r,k]`, B `[n,r]`).
 pub fn lora_forward(x: &[f32], a: &[f32], b: &[f32], d: LoraDims, u: &mut [f32], y: &mut [f32]) {
     let LoraDims { m, k, n, r, scale } = d;
-    check_lora("lora_forward", d, x, a, b);
-    assert!(
-        u.len() >= m * r,
-        "lora_forward: u has {} < {m}x{r} values",
-        u.len()
-    );
-    assert!(
-        y.len() >= m * n,
-        "lora_forward: y has {} < {m}x{n} values",
-        y.len()
-    );
+    check_lora_forward(d, x, a, b, u, y);
     for i in 0..m {
         for q in 0..r {
             let mut s = 0.0f64;
@@ -170,32 +123,7 @@ pub fn lora_backward(
 ) {
     let LoraDims { m, k, n, r, scale } = d;
     let scale = scale as f64;
-    check_lora("lora_backward", d, x, a, b);
-    assert!(
-        u.len() >= m * r,
-        "lora_backward: u has {} < {m}x{r} values",
-        u.len()
-    );
-    assert!(
-        dy.len() >= m * n,
-        "lora_backward: dy has {} < {m}x{n} values",
-        dy.len()
-    );
-    assert!(
-        da.len() >= r * k,
-        "lora_backward: dA has {} < {r}x{k} values",
-        da.len()
-    );
-    assert!(
-        db.len() >= n * r,
-        "lora_backward: dB has {} < {n}x{r} values",
-        db.len()
-    );
-    assert!(
-        du.len() >= m * r,
-        "lora_backward: du has {} < {m}x{r} values",
-        du.len()
-    );
+    check_lora_backward(d, x, a, b, u, dy, da, db, du, dx.as_deref());
     for j in 0..n {
         for q in 0..r {
             let mut s = 0.0f64;
@@ -224,11 +152,6 @@ pub fn lora_backward(
         }
     }
     if let Some(dx) = dx {
-        assert!(
-            dx.len() >= m * k,
-            "lora_backward: dx has {} < {m}x{k} values",
-            dx.len()
-        );
         for i in 0..m {
             for p in 0..k {
                 let mut s = 0.0f64;
