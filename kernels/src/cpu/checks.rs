@@ -3,7 +3,7 @@
 //! each message naming the op.
 use crate::{Gemm, LoraDims};
 
-/// Panics naming `op` unless the buffer `name` (`len` values) holds at least `rows x cols` values.
+/// Panics naming `op` unless the buffer `name` (`len` values) holds `rows x cols` or more.
 fn at_least(op: &str, name: &str, len: usize, rows: usize, cols: usize) {
     assert!(
         len >= rows * cols,

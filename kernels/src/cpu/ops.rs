@@ -41,13 +41,7 @@ fn axpy_impl<M: Mode>(y: &mut [f32], a: f32, x: &[f32]) {
 }
 
 pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    assert_eq!(
-        y.len(),
-        x.len(),
-        "axpy: y has {} elements, x {}",
-        y.len(),
-        x.len()
-    );
+    r::check_same_len("axpy", ("y", y.len()), ("x", x.len()));
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .for_each(|(y, x)| axpy_chunk(y, a, x));
@@ -109,25 +103,24 @@ fn dropout_forward_impl<M: Mode>(
     }
 }
 
+/// Runs `f(src, dst, first)` on matching [`CHUNK`]s of `src` and `dst` in parallel, `first`
+/// being the index of the chunk's first element (the dropout mask's counter).
+fn for_chunks(src: &[f32], dst: &mut [f32], f: impl Fn(&[f32], &mut [f32], u64) + Sync + Send) {
+    dst.par_chunks_mut(CHUNK)
+        .zip(src.par_chunks(CHUNK))
+        .enumerate()
+        .for_each(|(c, (d, s))| f(s, d, (c * CHUNK) as u64));
+}
+
 pub fn dropout_forward(x: &[f32], out: &mut [f32], p: f32, seed: u64) {
-    assert_eq!(
-        x.len(),
-        out.len(),
-        "dropout_forward: x has {} elements, out {}",
-        x.len(),
-        out.len()
-    );
-    let scale = r::dropout_scale("dropout_forward", p);
+    let scale = r::check_dropout("dropout_forward", ("x", x.len()), ("out", out.len()), p);
     if p == 0.0 {
-        out.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(o, x)| o.copy_from_slice(x));
+        for_chunks(x, out, |x, o, _| o.copy_from_slice(x));
         return;
     }
-    out.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .enumerate()
-        .for_each(|(c, (o, x))| dropout_forward_chunk(x, o, p, seed, (c * CHUNK) as u64, scale));
+    for_chunks(x, out, |x, o, first| {
+        dropout_forward_chunk(x, o, p, seed, first, scale)
+    });
 }
 
 multiversion! {
@@ -158,20 +151,10 @@ fn dropout_backward_impl<M: Mode>(
 }
 
 pub fn dropout_backward(dy: &[f32], dx: &mut [f32], p: f32, seed: u64) {
-    assert_eq!(
-        dy.len(),
-        dx.len(),
-        "dropout_backward: dy has {} elements, dx {}",
-        dy.len(),
-        dx.len()
-    );
-    let scale = r::dropout_scale("dropout_backward", p);
-    dx.par_chunks_mut(CHUNK)
-        .zip(dy.par_chunks(CHUNK))
-        .enumerate()
-        .for_each(|(c, (dx, dy))| {
-            dropout_backward_chunk(dy, dx, p, seed, (c * CHUNK) as u64, scale)
-        });
+    let scale = r::check_dropout("dropout_backward", ("dy", dy.len()), ("dx", dx.len()), p);
+    for_chunks(dy, dx, |dy, dx, first| {
+        dropout_backward_chunk(dy, dx, p, seed, first, scale)
+    });
 }
 
 // ---- RMSNorm -----------------------------------------------------------------------------
@@ -208,24 +191,7 @@ pub fn rmsnorm_forward(
     eps: f32,
 ) {
     let op = "rmsnorm_forward";
-    assert_eq!(
-        x.len(),
-        rows * dim,
-        "{op}: x has {} elements, not {rows} x {dim}",
-        x.len()
-    );
-    assert_eq!(
-        y.len(),
-        rows * dim,
-        "{op}: y has {} elements, not {rows} x {dim}",
-        y.len()
-    );
-    assert_eq!(
-        rstd.len(),
-        rows,
-        "{op}: rstd has {} elements, not {rows}",
-        rstd.len()
-    );
+    r::check_norm(op, &[("x", x.len()), ("y", y.len())], rstd.len(), rows, dim);
     let w = r::norm_weight(op, w, dim);
     if rows == 0 || dim == 0 {
         // Nothing to split (and dim = 0 gives the reference's 0/0).
@@ -298,19 +264,8 @@ pub fn rmsnorm_backward(
     accumulate: bool,
 ) {
     let op = "rmsnorm_backward";
-    for (name, len) in [("dy", dy.len()), ("x", x.len()), ("dx", dx.len())] {
-        assert_eq!(
-            len,
-            rows * dim,
-            "{op}: {name} has {len} elements, not {rows} x {dim}"
-        );
-    }
-    assert_eq!(
-        rstd.len(),
-        rows,
-        "{op}: rstd has {} elements, not {rows}",
-        rstd.len()
-    );
+    let bufs = [("dy", dy.len()), ("x", x.len()), ("dx", dx.len())];
+    r::check_norm(op, &bufs, rstd.len(), rows, dim);
     let w = r::norm_weight(op, w, dim);
     if rows == 0 || dim == 0 {
         return;
@@ -413,13 +368,7 @@ fn swiglu_forward_impl<M: Mode>(gate: &[f32], up: &[f32], out: &mut [f32]) {
 }
 
 pub fn swiglu_forward(gate: &[f32], up: &[f32], out: &mut [f32]) {
-    assert!(
-        gate.len() == up.len() && up.len() == out.len(),
-        "swiglu_forward: gate {}, up {}, out {} elements",
-        gate.len(),
-        up.len(),
-        out.len()
-    );
+    r::check_swiglu_forward(gate.len(), up.len(), out.len());
     out.par_chunks_mut(CHUNK)
         .zip(gate.par_chunks(CHUNK))
         .zip(up.par_chunks(CHUNK))
@@ -452,15 +401,7 @@ fn swiglu_backward_impl<M: Mode>(
 }
 
 pub fn swiglu_backward(gate: &[f32], up: &[f32], dout: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
-    let n = gate.len();
-    assert!(
-        up.len() == n && dout.len() == n && dgate.len() == n && dup.len() == n,
-        "swiglu_backward: gate {n}, up {}, dout {}, dgate {}, dup {} elements",
-        up.len(),
-        dout.len(),
-        dgate.len(),
-        dup.len()
-    );
+    r::check_swiglu_backward(gate.len(), up.len(), dout.len(), dgate.len(), dup.len());
     dgate
         .par_chunks_mut(CHUNK)
         .zip(dup.par_chunks_mut(CHUNK))
@@ -473,16 +414,7 @@ pub fn swiglu_backward(gate: &[f32], up: &[f32], dout: &[f32], dgate: &mut [f32]
 // ---- embedding and loss ------------------------------------------------------------------
 
 pub fn embedding_forward(table: &CpuWeight, ids: &[i32], out: &mut [f32]) {
-    let op = "embedding_forward";
-    let dim = table.cols;
-    assert_eq!(
-        out.len(),
-        ids.len() * dim,
-        "{op}: out has {} elements, not {} x {dim}",
-        out.len(),
-        ids.len()
-    );
-    r::check_ids(op, ids, table.rows);
+    let dim = r::check_embedding_forward(table, ids, out.len());
     if out.is_empty() {
         return;
     }

@@ -76,13 +76,7 @@ impl_float!(f64);
 
 /// `y += a · x`.
 pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    assert_eq!(
-        y.len(),
-        x.len(),
-        "axpy: y has {} elements, x {}",
-        y.len(),
-        x.len()
-    );
+    check_same_len("axpy", ("y", y.len()), ("x", x.len()));
     for (y, &x) in y.iter_mut().zip(x) {
         *y += a * x;
     }
@@ -104,22 +98,26 @@ pub fn sum_squares(x: &[f32]) -> f64 {
     s
 }
 
-/// The inverted-dropout multiplier `1/(1-p)` (f32, as PyTorch's mask division computes it).
-pub(crate) fn dropout_scale(op: &str, p: f32) -> f32 {
+/// Panics naming `op` unless the two buffers (name, length) are as long as each other.
+pub(crate) fn check_same_len(op: &str, a: (&str, usize), b: (&str, usize)) {
+    assert_eq!(
+        a.1, b.1,
+        "{op}: {} has {} elements, {} {}",
+        a.0, a.1, b.0, b.1
+    );
+}
+
+/// Checks a dropout call (`from` and `to` as long as each other, `p` in [0, 1]); returns the
+/// inverted-dropout multiplier `1/(1-p)` (f32, as PyTorch's mask division computes it).
+pub(crate) fn check_dropout(op: &str, from: (&str, usize), to: (&str, usize), p: f32) -> f32 {
+    check_same_len(op, from, to);
     assert!((0.0..=1.0).contains(&p), "{op}: p = {p} is not in [0, 1]");
     1.0 / (1.0 - p)
 }
 
 /// `out[i] = x[i] / (1-p)` where `dropout_keep(seed, i, p)`, else 0; `p = 0` copies.
 pub fn dropout_forward(x: &[f32], out: &mut [f32], p: f32, seed: u64) {
-    assert_eq!(
-        x.len(),
-        out.len(),
-        "dropout_forward: x has {} elements, out {}",
-        x.len(),
-        out.len()
-    );
-    let scale = dropout_scale("dropout_forward", p);
+    let scale = check_dropout("dropout_forward", ("x", x.len()), ("out", out.len()), p);
     if p == 0.0 {
         out.copy_from_slice(x);
         return;
@@ -135,14 +133,7 @@ pub fn dropout_forward(x: &[f32], out: &mut [f32], p: f32, seed: u64) {
 
 /// `dx[i] += dy[i] / (1-p)` where `dropout_keep(seed, i, p)`.
 pub fn dropout_backward(dy: &[f32], dx: &mut [f32], p: f32, seed: u64) {
-    assert_eq!(
-        dy.len(),
-        dx.len(),
-        "dropout_backward: dy has {} elements, dx {}",
-        dy.len(),
-        dx.len()
-    );
-    let scale = dropout_scale("dropout_backward", p);
+    let scale = check_dropout("dropout_backward", ("dy", dy.len()), ("dx", dx.len()), p);
     for (i, (d, &g)) in dx.iter_mut().zip(dy).enumerate() {
         if p == 0.0 {
             *d += g;
@@ -154,12 +145,16 @@ pub fn dropout_backward(dy: &[f32], dx: &mut [f32], p: f32, seed: u64) {
 
 // ---- RMSNorm -----------------------------------------------------------------------------
 
-fn check_rows(op: &str, name: &str, len: usize, rows: usize, dim: usize) {
-    assert_eq!(
-        len,
-        rows * dim,
-        "{op}: {name} has {len} elements, not {rows} x {dim}"
-    );
+/// Checks an RMSNorm call: every `[rows, dim]` buffer (name, length) and `rstd` (`rows`).
+pub(crate) fn check_norm(op: &str, bufs: &[(&str, usize)], rstd: usize, rows: usize, dim: usize) {
+    for &(name, len) in bufs {
+        assert_eq!(
+            len,
+            rows * dim,
+            "{op}: {name} has {len} elements, not {rows} x {dim}"
+        );
+    }
+    assert_eq!(rstd, rows, "{op}: rstd has {rstd} elements, not {rows}");
 }
 
 /// The weight of a `[1, dim]` (or `[dim, 1]`) norm widened to f32.
@@ -186,9 +181,7 @@ pub fn rmsnorm_forward_generic<F: Float>(
     eps: F,
 ) {
     let op = "rmsnorm_forward";
-    check_rows(op, "x", x.len(), rows, dim);
-    check_rows(op, "y", y.len(), rows, dim);
-    check_rows(op, "rstd", rstd.len(), rows, 1);
+    check_norm(op, &[("x", x.len()), ("y", y.len())], rstd.len(), rows, dim);
     assert_eq!(
         w.len(),
         dim,
@@ -222,10 +215,8 @@ pub fn rmsnorm_backward_generic<F: Float>(
     accumulate: bool,
 ) {
     let op = "rmsnorm_backward";
-    check_rows(op, "dy", dy.len(), rows, dim);
-    check_rows(op, "x", x.len(), rows, dim);
-    check_rows(op, "dx", dx.len(), rows, dim);
-    check_rows(op, "rstd", rstd.len(), rows, 1);
+    let bufs = [("dy", dy.len()), ("x", x.len()), ("dx", dx.len())];
+    check_norm(op, &bufs, rstd.len(), rows, dim);
     assert_eq!(
         w.len(),
         dim,
@@ -378,6 +369,57 @@ pub(crate) fn check_attn(
     s.q_heads / s.kv_heads
 }
 
+/// Checks an attention forward (buffer lengths); returns the GQA group size.
+pub(crate) fn check_attn_forward(
+    s: AttnShape,
+    q: usize,
+    kv: (usize, usize),
+    out: usize,
+    lse: usize,
+) -> usize {
+    let op = "attention_forward";
+    let group = check_attn(op, s, q, kv, out);
+    check_lse(op, s, lse);
+    group
+}
+
+fn check_lse(op: &str, s: AttnShape, lse: usize) {
+    let want = s.batch * s.q_heads * s.q_len;
+    assert_eq!(
+        lse, want,
+        "{op}: lse has {lse} elements, not {want} ({s:?})"
+    );
+}
+
+/// Checks an attention backward (buffer lengths); returns the GQA group size.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_attn_backward(
+    s: AttnShape,
+    q: usize,
+    kv: (usize, usize),
+    out: usize,
+    lse: usize,
+    dout: usize,
+    dq: usize,
+    dkv: (usize, usize),
+) -> usize {
+    let op = "attention_backward";
+    let group = check_attn(op, s, q, kv, out);
+    for (name, len, want) in [
+        ("dout", dout, q),
+        ("dq", dq, q),
+        ("dk", dkv.0, kv.0),
+        ("dv", dkv.1, kv.1),
+    ] {
+        assert_eq!(
+            len, want,
+            "{op}: {name} has {len} elements, not {want} ({s:?})"
+        );
+    }
+    check_lse(op, s, lse);
+    group
+}
+
 /// Number of keys query `i` sees: `min(q_pos0 + i + 1, kv_len)`.
 pub(crate) fn visible_keys(s: AttnShape, i: usize) -> usize {
     (s.q_pos0 + i + 1).min(s.kv_len)
@@ -393,14 +435,8 @@ pub fn attention_forward_generic<F: Float>(
     lse: &mut [F],
     s: AttnShape,
 ) {
-    let op = "attention_forward";
-    let group = check_attn(op, s, q.len(), (k.len(), v.len()), out.len());
-    assert_eq!(
-        lse.len(),
-        s.batch * s.q_heads * s.q_len,
-        "{op}: lse has {} elements ({s:?})",
-        lse.len()
-    );
+    let (kv, lse_len) = ((k.len(), v.len()), lse.len());
+    let group = check_attn_forward(s, q.len(), kv, out.len(), lse_len);
     let d = s.head_dim;
     let scale = F::from_f32(s.scale);
     let mut scores = Vec::with_capacity(s.kv_len);
@@ -467,41 +503,16 @@ pub fn attention_backward_generic<F: Float>(
     dv: &mut [F],
     s: AttnShape,
 ) {
-    let op = "attention_backward";
-    let group = check_attn(op, s, q.len(), (k.len(), v.len()), out.len());
-    assert_eq!(
-        dout.len(),
+    let (kv, dkv) = ((k.len(), v.len()), (dk.len(), dv.len()));
+    let group = check_attn_backward(
+        s,
         q.len(),
-        "{op}: dout has {} elements, not {}",
-        dout.len(),
-        q.len()
-    );
-    assert_eq!(
-        dq.len(),
-        q.len(),
-        "{op}: dq has {} elements, not {}",
-        dq.len(),
-        q.len()
-    );
-    assert_eq!(
-        dk.len(),
-        k.len(),
-        "{op}: dk has {} elements, not {}",
-        dk.len(),
-        k.len()
-    );
-    assert_eq!(
-        dv.len(),
-        v.len(),
-        "{op}: dv has {} elements, not {}",
-        dv.len(),
-        v.len()
-    );
-    assert_eq!(
+        kv,
+        out.len(),
         lse.len(),
-        s.batch * s.q_heads * s.q_len,
-        "{op}: lse has {} elements ({s:?})",
-        lse.len()
+        dout.len(),
+        dq.len(),
+        dkv,
     );
     let d = s.head_dim;
     let scale = F::from_f32(s.scale);
@@ -572,15 +583,23 @@ pub fn attention_backward(
 
 // ---- SwiGLU ------------------------------------------------------------------------------
 
+pub(crate) fn check_swiglu_forward(gate: usize, up: usize, out: usize) {
+    assert!(
+        gate == up && up == out,
+        "swiglu_forward: gate {gate}, up {up}, out {out} elements"
+    );
+}
+
+pub(crate) fn check_swiglu_backward(n: usize, up: usize, dout: usize, dgate: usize, dup: usize) {
+    assert!(
+        up == n && dout == n && dgate == n && dup == n,
+        "swiglu_backward: gate {n}, up {up}, dout {dout}, dgate {dgate}, dup {dup} elements"
+    );
+}
+
 /// `out = silu(gate) · up` with `silu(g) = g / (1 + exp(−g))` (PyTorch's form).
 pub fn swiglu_forward_generic<F: Float>(gate: &[F], up: &[F], out: &mut [F]) {
-    assert!(
-        gate.len() == up.len() && up.len() == out.len(),
-        "swiglu_forward: gate {}, up {}, out {} elements",
-        gate.len(),
-        up.len(),
-        out.len()
-    );
+    check_swiglu_forward(gate.len(), up.len(), out.len());
     for i in 0..out.len() {
         let g = gate[i];
         out[i] = g / (F::ONE + (-g).exp()) * up[i];
@@ -596,14 +615,7 @@ pub fn swiglu_backward_generic<F: Float>(
     dup: &mut [F],
 ) {
     let n = gate.len();
-    assert!(
-        up.len() == n && dout.len() == n && dgate.len() == n && dup.len() == n,
-        "swiglu_backward: gate {n}, up {}, dout {}, dgate {}, dup {} elements",
-        up.len(),
-        dout.len(),
-        dgate.len(),
-        dup.len()
-    );
+    check_swiglu_backward(n, up.len(), dout.len(), dgate.len(), dup.len());
     for i in 0..n {
         let g = gate[i];
         let sig = F::ONE / (F::ONE + (-g).exp());
@@ -632,18 +644,23 @@ pub(crate) fn check_ids(op: &str, ids: &[i32], vocab: usize) {
     }
 }
 
-/// `out[t, :] = table[ids[t], :]`.
-pub fn embedding_forward(table: &CpuWeight, ids: &[i32], out: &mut [f32]) {
+/// Checks an embedding lookup (`out` holds `ids.len()` rows of the table's); returns `dim`.
+pub(crate) fn check_embedding_forward(table: &CpuWeight, ids: &[i32], out: usize) -> usize {
     let op = "embedding_forward";
     let dim = table.cols;
     assert_eq!(
-        out.len(),
+        out,
         ids.len() * dim,
-        "{op}: out has {} elements, not {} x {dim}",
-        out.len(),
+        "{op}: out has {out} elements, not {} x {dim}",
         ids.len()
     );
     check_ids(op, ids, table.rows);
+    dim
+}
+
+/// `out[t, :] = table[ids[t], :]`.
+pub fn embedding_forward(table: &CpuWeight, ids: &[i32], out: &mut [f32]) {
+    let dim = check_embedding_forward(table, ids, out.len());
     for (t, &id) in ids.iter().enumerate() {
         table.row_f32(id as usize, &mut out[t * dim..(t + 1) * dim]);
     }

@@ -35,7 +35,7 @@ use rayon::prelude::*;
 use super::scratch::Scratch;
 use super::simd::{self, Isa, LANES, Mode, multiversion};
 use crate::AttnShape;
-use crate::cpu::reference_ops::check_attn;
+use crate::cpu::reference_ops::{check_attn_backward, check_attn_forward};
 
 /// Queries per tile.
 const BQ: usize = 64;
@@ -583,14 +583,8 @@ fn online_softmax<M: Mode, const W: usize>(
 
 /// Causal GQA attention forward (see the module docs).
 pub fn forward(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], lse: &mut [f32], s: AttnShape) {
-    let op = "attention_forward";
-    let group = check_attn(op, s, q.len(), (k.len(), v.len()), out.len());
-    assert_eq!(
-        lse.len(),
-        s.batch * s.q_heads * s.q_len,
-        "{op}: lse has {} elements ({s:?})",
-        lse.len()
-    );
+    let (kv, lse_len) = ((k.len(), v.len()), lse.len());
+    let group = check_attn_forward(s, q.len(), kv, out.len(), lse_len);
     if out.is_empty() {
         return;
     }
@@ -912,20 +906,17 @@ pub fn backward(
     dv: &mut [f32],
     s: AttnShape,
 ) {
-    let op = "attention_backward";
-    let group = check_attn(op, s, q.len(), (k.len(), v.len()), out.len());
-    for (name, len, want) in [
-        ("dout", dout.len(), q.len()),
-        ("dq", dq.len(), q.len()),
-        ("dk", dk.len(), k.len()),
-        ("dv", dv.len(), v.len()),
-        ("lse", lse.len(), s.batch * s.q_heads * s.q_len),
-    ] {
-        assert_eq!(
-            len, want,
-            "{op}: {name} has {len} elements, not {want} ({s:?})"
-        );
-    }
+    let (kv, dkv) = ((k.len(), v.len()), (dk.len(), dv.len()));
+    let group = check_attn_backward(
+        s,
+        q.len(),
+        kv,
+        out.len(),
+        lse.len(),
+        dout.len(),
+        dq.len(),
+        dkv,
+    );
     let g = Geometry::new(s, group);
     let (d, dp, tq, tq_pad) = (g.d, g.dp, s.q_len, g.tq_pad);
     let (hq, hkv) = (s.q_heads, s.kv_heads);
