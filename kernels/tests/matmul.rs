@@ -181,64 +181,55 @@ fn reference_known_answers() {
 
 #[test]
 fn linear_forward_matches_reference() {
-    let reference = Cpu::reference();
-    let engines = engines();
-    let mut rng = Rng::new(1);
-    for (si, &(m, n, k)) in SHAPES.iter().enumerate() {
-        for dtype in DTYPES {
-            let w = weight(&mut rng, n, k, dtype);
-            let x = rng.vec(m * k);
-            let y0 = rng.vec(m * n);
-            for accumulate in [false, true] {
-                let mut want = y0.clone();
-                reference.linear_forward(&x, &w, &mut want, m, accumulate);
-                for (cpu, simd) in &engines {
-                    let mut got = if accumulate {
-                        y0.clone()
-                    } else {
-                        vec![f32::NAN; m * n]
-                    };
-                    cpu.install(|| {
-                        matmul::linear_forward_with(*simd, &x, &w, &mut got, m, accumulate)
-                    });
-                    let what = format!(
-                        "shape {si} {m}x{n}x{k} {dtype:?} acc={accumulate} {}",
-                        label(cpu, *simd)
-                    );
-                    assert_close(&what, &got, &want, k);
-                }
-            }
-        }
-    }
+    check_linear(1, false);
 }
 
 #[test]
 fn linear_backward_input_matches_reference() {
+    check_linear(2, true);
+}
+
+/// The fast `linear_forward` (`backward` false: x `[m,k]` in, y `[m,n]` out) or
+/// `linear_backward_input` (true: dy `[m,n]` in, dx `[m,k]` out) against the reference on
+/// every shape, dtype, engine and accumulate mode.
+fn check_linear(seed: u64, backward: bool) {
     let reference = Cpu::reference();
     let engines = engines();
-    let mut rng = Rng::new(2);
+    let mut rng = Rng::new(seed);
     for (si, &(m, n, k)) in SHAPES.iter().enumerate() {
+        // The length of the products' sums, and of an output row.
+        let (inner, outer) = if backward { (n, k) } else { (k, n) };
         for dtype in DTYPES {
             let w = weight(&mut rng, n, k, dtype);
-            let dy = rng.vec(m * n);
-            let dx0 = rng.vec(m * k);
+            let x = rng.vec(m * inner);
+            let y0 = rng.vec(m * outer);
             for accumulate in [false, true] {
-                let mut want = dx0.clone();
-                reference.linear_backward_input(&dy, &w, &mut want, m, accumulate);
+                let mut want = y0.clone();
+                if backward {
+                    reference.linear_backward_input(&x, &w, &mut want, m, accumulate);
+                } else {
+                    reference.linear_forward(&x, &w, &mut want, m, accumulate);
+                }
                 for (cpu, simd) in &engines {
                     let mut got = if accumulate {
-                        dx0.clone()
+                        y0.clone()
                     } else {
-                        vec![f32::NAN; m * k]
+                        vec![f32::NAN; m * outer]
                     };
                     cpu.install(|| {
-                        matmul::linear_backward_input_with(*simd, &dy, &w, &mut got, m, accumulate)
+                        if backward {
+                            matmul::linear_backward_input_with(
+                                *simd, &x, &w, &mut got, m, accumulate,
+                            )
+                        } else {
+                            matmul::linear_forward_with(*simd, &x, &w, &mut got, m, accumulate)
+                        }
                     });
                     let what = format!(
                         "shape {si} {m}x{n}x{k} {dtype:?} acc={accumulate} {}",
                         label(cpu, *simd)
                     );
-                    assert_close(&what, &got, &want, n);
+                    assert_close(&what, &got, &want, inner);
                 }
             }
         }
