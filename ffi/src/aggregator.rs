@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 
 use fedcdd_core::{
     Algorithm, ClientInput, DType, Error as CoreError, Layout, MeanAccumulator, ServerOpt,
-    ServerState, StreamingFedCdd, TensorRole, TensorView, Upload, apply_server_opt, bf16, f16,
+    ServerState, StreamingFedCdd, TensorRole, TensorView, apply_server_opt, bf16, f16,
     fedcdd_batch, init_server_state,
 };
 
@@ -353,13 +353,7 @@ impl fedcdd_aggregator {
     /// the sample count too when `samples` is negative.
     pub(crate) fn add_upload(&mut self, bytes: &[u8], samples: f64) -> FfiResult<()> {
         self.require_global()?;
-        let upload = Upload::parse(bytes).map_err(|e| {
-            let at = e
-                .tensor
-                .map(|i| format!(" (tensor record #{i})"))
-                .unwrap_or_default();
-            core_kind(e).context(format!("upload{at}"))
-        })?;
+        let upload = crate::upload::parse_upload(bytes)?;
         let h = upload.header;
         let who = format!("client {} (upload)", h.client_id);
         let samples = if samples < 0.0 {

@@ -220,6 +220,21 @@ unsafe fn with_aggregator_ref(
     })
 }
 
+/// Writes `get(aggregator)` into `*out` (the body of the read-only getters).
+unsafe fn read_aggregator<T>(
+    ptr: *const fedcdd_aggregator,
+    out: *mut T,
+    get: impl FnOnce(&fedcdd_aggregator) -> T,
+) -> fedcdd_status {
+    // SAFETY: the caller's contract.
+    unsafe {
+        with_aggregator_ref(ptr, |agg| {
+            *deref_mut(out, "out")? = get(agg);
+            Ok(())
+        })
+    }
+}
+
 /// Sets the global adapter: `n` tensors (names unique; values finite). Replaces any earlier
 /// global; server state is kept for tensors of the same name and size. Not allowed while a
 /// round is in progress. The values are copied.
@@ -269,12 +284,7 @@ pub unsafe extern "C" fn fedcdd_aggregator_passes(
     out: *mut usize,
 ) -> fedcdd_status {
     // SAFETY: the caller's contract.
-    unsafe {
-        with_aggregator_ref(aggregator, |agg| {
-            *deref_mut(out, "out")? = agg.passes();
-            Ok(())
-        })
-    }
+    unsafe { read_aggregator(aggregator, out, |agg| agg.passes()) }
 }
 
 /// Adds one client's update to the round: `n` tensors holding `Δ_i = θ_i − G` (every tensor
@@ -342,12 +352,7 @@ pub unsafe extern "C" fn fedcdd_aggregator_num_clients(
     out: *mut usize,
 ) -> fedcdd_status {
     // SAFETY: the caller's contract.
-    unsafe {
-        with_aggregator_ref(aggregator, |agg| {
-            *deref_mut(out, "out")? = agg.num_clients();
-            Ok(())
-        })
-    }
+    unsafe { read_aggregator(aggregator, out, |agg| agg.num_clients()) }
 }
 
 /// Ends the round: aggregates every tensor, makes the result the new global (rounded to each
@@ -423,12 +428,7 @@ pub unsafe extern "C" fn fedcdd_aggregator_steps(
     out: *mut u64,
 ) -> fedcdd_status {
     // SAFETY: the caller's contract.
-    unsafe {
-        with_aggregator_ref(aggregator, |agg| {
-            *deref_mut(out, "out")? = agg.steps;
-            Ok(())
-        })
-    }
+    unsafe { read_aggregator(aggregator, out, |agg| agg.steps) }
 }
 
 /// The size in bytes of the server state `fedcdd_aggregator_save_state` writes now.
@@ -438,12 +438,7 @@ pub unsafe extern "C" fn fedcdd_aggregator_state_size(
     out: *mut usize,
 ) -> fedcdd_status {
     // SAFETY: the caller's contract.
-    unsafe {
-        with_aggregator_ref(aggregator, |agg| {
-            *deref_mut(out, "out")? = state::save(agg).len();
-            Ok(())
-        })
-    }
+    unsafe { read_aggregator(aggregator, out, |agg| state::save(agg).len()) }
 }
 
 /// Saves the server state (the algorithm, the step count, the FedOpt moments `m`, `v` per

@@ -260,6 +260,17 @@ fn record_err(index: usize, name: &str, message: impl std::fmt::Display) -> FfiE
     )
 }
 
+/// Parses and validates upload bytes; an error names the tensor record it is about.
+pub(crate) fn parse_upload(bytes: &[u8]) -> FfiResult<Upload<'_>> {
+    Upload::parse(bytes).map_err(|e| {
+        let at = e
+            .tensor
+            .map(|i| format!(" (tensor record #{i})"))
+            .unwrap_or_default();
+        core_kind(e).context(format!("upload{at}"))
+    })
+}
+
 impl fedcdd_upload {
     /// Copies and validates `bytes`.
     pub(crate) fn parse(bytes: &[u8]) -> FfiResult<Box<fedcdd_upload>> {
@@ -267,13 +278,7 @@ impl fedcdd_upload {
         // declares before `_bytes` and never hands out beyond `&self`.
         let (arena, lent) = unsafe { Arena::lend(bytes.to_vec()) };
         let lent: &'static [u8] = lent;
-        let upload = Upload::parse(lent).map_err(|e| {
-            let at = e
-                .tensor
-                .map(|i| format!(" (tensor record #{i})"))
-                .unwrap_or_default();
-            core_kind(e).context(format!("upload{at}"))
-        })?;
+        let upload = parse_upload(lent)?;
         let mut records = Vec::with_capacity(upload.header.num_tensors as usize);
         let mut names = Vec::with_capacity(records.capacity());
         let mut seen = HashMap::new();
