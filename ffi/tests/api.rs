@@ -10,10 +10,9 @@ use std::ffi::{CStr, CString, c_char, c_void};
 
 use common::*;
 use fedcdd::*;
-use fedcdd_core::mask::{KeptSlices, MaskScratch};
 use fedcdd_core::{
-    DType, FedCddConfig, FedOptVariant, Importance, Layout, MaskConfig, NormAxis, ServerOpt,
-    ServerOptConfig, Target, TensorRole, Weighting, bf16, f16, mask_encode, mask_reconstruct,
+    DType, FedCddConfig, FedOptVariant, Importance, MaskConfig, NormAxis, ServerOpt,
+    ServerOptConfig, Target, TensorRole, Weighting, bf16, f16,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -521,55 +520,6 @@ fn server_state_round_trip_and_hostile_state_bytes() {
 // ---------------------------------------------------------------------------------------------
 // Client side: encode → decode equals core's mask
 // ---------------------------------------------------------------------------------------------
-
-/// The client's own masked tensor, computed with core directly: the update rounded to the
-/// upload dtype, `mask_encode`, then `mask_reconstruct` from the kept columns.
-fn core_masked(
-    delta: &[f32],
-    layout: &Layout,
-    mask: &MaskConfig,
-    dtype: DType,
-    seed: u64,
-    index: u32,
-) -> Vec<f32> {
-    let rounded: Vec<f32> = match dtype {
-        DType::F32 => delta.to_vec(),
-        DType::F16 => delta.iter().map(|v| f16::from_f32(*v).to_f32()).collect(),
-        DType::BF16 => delta.iter().map(|v| bf16::from_f32(*v).to_f32()).collect(),
-    };
-    let (rows, cols) = mask.importance.units(layout);
-    let k = mask.kept_count(cols);
-    let (mut norms, mut order) = (vec![0.0; cols], vec![0u32; cols]);
-    let (mut kept, mut values) = (vec![0u32; k], vec![0.0f32; k * rows]);
-    let summary = mask_encode(
-        &rounded,
-        layout,
-        mask,
-        MaskScratch {
-            norms: &mut norms,
-            order: &mut order,
-        },
-        &mut kept,
-        &mut values,
-    )
-    .unwrap();
-    let mut out = vec![0.0f32; layout.len()];
-    mask_reconstruct(
-        layout,
-        mask.importance,
-        &KeptSlices {
-            kept: &kept,
-            values: &values,
-        },
-        summary.sigma,
-        seed,
-        index,
-        dtype,
-        &mut out,
-    )
-    .unwrap();
-    out
-}
 
 #[test]
 fn encode_decode_round_trip_equals_core_mask() {

@@ -22,11 +22,8 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use common::*;
-use fedcdd_core::mask::{KeptSlices, MaskScratch, SplitMix64};
-use fedcdd_core::{
-    DType, FedCddConfig, Importance, MaskConfig, ServerOpt, ServerOptConfig, mask_encode,
-    mask_reconstruct,
-};
+use fedcdd_core::mask::SplitMix64;
+use fedcdd_core::{DType, FedCddConfig, Importance, MaskConfig, ServerOpt, ServerOptConfig};
 
 fn ffi_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -256,38 +253,7 @@ fn check_cpp_output(stdout: &str) {
                         .zip(&g.data)
                         .map(|(dv, gv)| (gv + dv) - gv)
                         .collect();
-                    let layout = g.layout();
-                    let (rows, cols) = mask.importance.units(&layout);
-                    let keep = mask.kept_count(cols);
-                    let (mut norms, mut order) = (vec![0.0; cols], vec![0u32; cols]);
-                    let (mut kept, mut values) = (vec![0u32; keep], vec![0.0f32; keep * rows]);
-                    let s = mask_encode(
-                        &delta,
-                        &layout,
-                        &mask,
-                        MaskScratch {
-                            norms: &mut norms,
-                            order: &mut order,
-                        },
-                        &mut kept,
-                        &mut values,
-                    )
-                    .unwrap();
-                    let mut out = vec![0.0f32; layout.len()];
-                    mask_reconstruct(
-                        &layout,
-                        mask.importance,
-                        &KeptSlices {
-                            kept: &kept,
-                            values: &values,
-                        },
-                        s.sigma,
-                        seed,
-                        k as u32,
-                        DType::F32,
-                        &mut out,
-                    )
-                    .unwrap();
+                    let out = core_masked(&delta, &g.layout(), &mask, DType::F32, seed, k as u32);
                     g.with_data(out)
                 })
                 .collect();

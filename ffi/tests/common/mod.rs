@@ -6,9 +6,11 @@
 use std::ffi::{CStr, CString, c_void};
 
 use fedcdd::*;
+use fedcdd_core::mask::{KeptSlices, MaskScratch};
 use fedcdd_core::{
-    ClientInput, FedCddConfig, Layout, MeanAccumulator, ServerOptConfig, ServerState,
-    StreamingFedCdd, TensorRole, TensorView, apply_server_opt, fedcdd_batch, init_server_state,
+    ClientInput, DType, FedCddConfig, Layout, MaskConfig, MeanAccumulator, ServerOptConfig,
+    ServerState, StreamingFedCdd, TensorRole, TensorView, apply_server_opt, bf16, f16,
+    fedcdd_batch, init_server_state, mask_encode, mask_reconstruct,
 };
 
 /// A failed call: its status and `fedcdd_last_error()`.
@@ -575,4 +577,53 @@ pub fn max_rel_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
         }
     }
     worst
+}
+
+/// The client's own masked tensor, computed with core directly: the update rounded to the
+/// upload dtype, `mask_encode`, then `mask_reconstruct` from the kept columns.
+pub fn core_masked(
+    delta: &[f32],
+    layout: &Layout,
+    mask: &MaskConfig,
+    dtype: DType,
+    seed: u64,
+    index: u32,
+) -> Vec<f32> {
+    let rounded: Vec<f32> = match dtype {
+        DType::F32 => delta.to_vec(),
+        DType::F16 => delta.iter().map(|v| f16::from_f32(*v).to_f32()).collect(),
+        DType::BF16 => delta.iter().map(|v| bf16::from_f32(*v).to_f32()).collect(),
+    };
+    let (rows, cols) = mask.importance.units(layout);
+    let k = mask.kept_count(cols);
+    let (mut norms, mut order) = (vec![0.0; cols], vec![0u32; cols]);
+    let (mut kept, mut values) = (vec![0u32; k], vec![0.0f32; k * rows]);
+    let summary = mask_encode(
+        &rounded,
+        layout,
+        mask,
+        MaskScratch {
+            norms: &mut norms,
+            order: &mut order,
+        },
+        &mut kept,
+        &mut values,
+    )
+    .unwrap();
+    let mut out = vec![0.0f32; layout.len()];
+    mask_reconstruct(
+        layout,
+        mask.importance,
+        &KeptSlices {
+            kept: &kept,
+            values: &values,
+        },
+        summary.sigma,
+        seed,
+        index,
+        dtype,
+        &mut out,
+    )
+    .unwrap();
+    out
 }
