@@ -422,3 +422,36 @@ pub fn dropout_keep(seed: u64, i: u64, p: f32) -> bool {
     z ^= z >> 16;
     (z >> 8) as f32 * (1.0 / 16_777_216.0) >= p
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// PyTorch's `clip_grad_norm_`: total norm over all tensors, scale by max/(norm+1e-6)
+    /// only when that is below 1; written out in f64 here.
+    #[test]
+    fn clip_grad_norm_follows_pytorch() {
+        let cpu = Cpu::reference();
+        let a0 = vec![3.0f32, -4.0, 0.5];
+        let b0 = vec![1.0f32, 2.0];
+        let norm64 = a0
+            .iter()
+            .chain(&b0)
+            .map(|&v| (v as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        for max in [1.0f32, 100.0] {
+            let (mut a, mut b) = (cpu.upload(&a0), cpu.upload(&b0));
+            let norm = clip_grad_norm(&cpu, &mut [&mut a, &mut b], max);
+            assert!((norm as f64 - norm64).abs() < 1e-5 * norm64);
+            let coef = (max as f64 / (norm64 + 1e-6)).min(1.0);
+            for (got, want) in a.iter().chain(&b).zip(a0.iter().chain(&b0)) {
+                let want = *want as f64 * coef;
+                assert!(
+                    (*got as f64 - want).abs() < 1e-6 * (1.0 + want.abs()),
+                    "{got} vs {want}"
+                );
+            }
+        }
+    }
+}

@@ -29,7 +29,9 @@ impl Cpu {
     /// The fast path on `threads` worker threads (0 = one per available core).
     pub fn new(threads: usize) -> Result<Self, KernelError> {
         let threads = if threads == 0 {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
         } else {
             threads
         };
@@ -38,7 +40,11 @@ impl Cpu {
             .thread_name(|i| format!("fedcdd-cpu-{i}"))
             .build()
             .map_err(|e| KernelError(format!("cannot start {threads} CPU threads: {e}")))?;
-        Ok(Cpu { pool, threads, reference: false })
+        Ok(Cpu {
+            pool,
+            threads,
+            reference: false,
+        })
     }
 
     /// The plain single-threaded reference implementation of every op.
@@ -47,7 +53,11 @@ impl Cpu {
             .num_threads(1)
             .build()
             .expect("a one-thread pool always starts");
-        Cpu { pool, threads: 1, reference: true }
+        Cpu {
+            pool,
+            threads: 1,
+            reference: true,
+        }
     }
 
     pub fn threads(&self) -> usize {
