@@ -147,13 +147,7 @@ fn reference_known_answers() {
     reference_matmul::matmul(g, &[1., 2.], &[1., 2., 3., 4.], &mut c);
     assert_eq!(c, [13., 19.]);
     // LoRA with r = 1: A = [1, 1, 1], B = [[2], [3]], scale 0.5.
-    let d = LoraDims {
-        m: 2,
-        k: 3,
-        n: 2,
-        r: 1,
-        scale: 0.5,
-    };
+    let d = lora_dims(2, 3, 2, 1, 0.5);
     let (a, b) = ([1., 1., 1.], [2., 3.]);
     let (mut u, mut y) = ([0.0f32; 2], [1.0f32; 4]);
     reference_matmul::lora_forward(&x, &a, &b, d, &mut u, &mut y);
@@ -349,13 +343,7 @@ fn results_do_not_depend_on_thread_count() {
             outs.iter().all(|o| *o == outs[0]),
             "{m}x{n}x{k}: bits differ"
         );
-        let d = LoraDims {
-            m,
-            k,
-            n,
-            r: 8,
-            scale: 2.0,
-        };
+        let d = lora_dims(m, k, n, 8, 2.0);
         let (a, b, dy) = (rng.vec(8 * k), rng.vec(n * 8), rng.vec(m * n));
         let grads: Vec<Vec<f32>> = cpus
             .iter()
@@ -440,18 +428,17 @@ const LORA_SHAPES: [(usize, usize, usize, usize); 8] = [
     (33, 256, 100, 20),
 ];
 
+/// `LoraDims` in the order the shapes list them.
+fn lora_dims(m: usize, k: usize, n: usize, r: usize, scale: f32) -> LoraDims {
+    LoraDims { m, k, n, r, scale }
+}
+
 #[test]
 fn lora_forward_matches_reference() {
     let mut rng = Rng::new(6);
     let engines = engines();
     for &(m, k, n, r) in &LORA_SHAPES {
-        let d = LoraDims {
-            m,
-            k,
-            n,
-            r,
-            scale: 1.7,
-        };
+        let d = lora_dims(m, k, n, r, 1.7);
         let (x, a, b, y0) = (
             rng.vec(m * k),
             rng.vec(r * k),
@@ -474,13 +461,7 @@ fn lora_backward_matches_reference() {
     let mut rng = Rng::new(7);
     let engines = engines();
     for &(m, k, n, r) in &LORA_SHAPES {
-        let d = LoraDims {
-            m,
-            k,
-            n,
-            r,
-            scale: 0.6,
-        };
+        let d = lora_dims(m, k, n, r, 0.6);
         let (x, a, b, u, dy) = (
             rng.vec(m * k),
             rng.vec(r * k),
@@ -553,13 +534,7 @@ fn loss_f64(x: &[f64], w0: &[f64], a: &[f64], b: &[f64], r_mat: &[f64], d: LoraD
 fn lora_gradients_match_finite_differences() {
     let mut rng = Rng::new(8);
     let (m, k, n, r) = (9, 13, 11, 3);
-    let d = LoraDims {
-        m,
-        k,
-        n,
-        r,
-        scale: 1.25,
-    };
+    let d = lora_dims(m, k, n, r, 1.25);
     let (x, w0, a, b, rm) = (
         rng.vec(m * k),
         rng.vec(n * k),
@@ -657,13 +632,7 @@ fn fast_matmul_rejects_short_b() {
 #[test]
 #[should_panic(expected = "lora_backward")]
 fn fast_lora_backward_rejects_short_gradient() {
-    let d = LoraDims {
-        m: 2,
-        k: 3,
-        n: 2,
-        r: 2,
-        scale: 1.0,
-    };
+    let d = lora_dims(2, 3, 2, 2, 1.0);
     let cpu = fast(2);
     let (x, a, b, u, dy) = (
         vec![0.0; 6],
@@ -679,13 +648,7 @@ fn fast_lora_backward_rejects_short_gradient() {
 #[test]
 #[should_panic(expected = "lora_forward")]
 fn reference_lora_forward_rejects_short_a() {
-    let d = LoraDims {
-        m: 2,
-        k: 3,
-        n: 2,
-        r: 2,
-        scale: 1.0,
-    };
+    let d = lora_dims(2, 3, 2, 2, 1.0);
     let (mut u, mut y) = (vec![0.0; 4], vec![0.0; 4]);
     reference_matmul::lora_forward(&[0.0; 6], &[0.0; 5], &[0.0; 4], d, &mut u, &mut y);
 }
