@@ -211,36 +211,31 @@ fn write_records(
     seed: u64,
 ) -> FfiResult<()> {
     for p in plans {
-        let (name, dims) = (p.name.as_str(), p.dims.as_slice());
-        let r = match (p.dtype, p.dense) {
-            (DType::F32, true) => w.dense(name, dims, &p.values),
-            (DType::F16, true) => w.dense(name, dims, &values_of::<f16>(&p.values)),
-            (DType::BF16, true) => w.dense(name, dims, &values_of::<bf16>(&p.values)),
-            (DType::F32, false) => {
-                w.masked(name, dims, importance, &p.kept, &p.values, p.sigma, seed)
-            }
-            (DType::F16, false) => w.masked(
-                name,
-                dims,
-                importance,
-                &p.kept,
-                &values_of::<f16>(&p.values),
-                p.sigma,
-                seed,
-            ),
-            (DType::BF16, false) => w.masked(
-                name,
-                dims,
-                importance,
-                &p.kept,
-                &values_of::<bf16>(&p.values),
-                p.sigma,
-                seed,
-            ),
+        let r = match p.dtype {
+            DType::F32 => write_record(w, p, &p.values, importance, seed),
+            DType::F16 => write_record(w, p, &values_of::<f16>(&p.values), importance, seed),
+            DType::BF16 => write_record(w, p, &values_of::<bf16>(&p.values), importance, seed),
         };
-        r.map_err(|e| core_kind(e).context(format!("tensor \"{name}\"")))?;
+        r.map_err(|e| core_kind(e).context(format!("tensor \"{}\"", p.name)))?;
     }
     Ok(())
+}
+
+/// Writes one planned tensor with its values in the upload dtype `T`: dense, or its kept
+/// columns.
+fn write_record<T: Element>(
+    w: &mut UploadWriter<'_>,
+    p: &Planned,
+    values: &[T],
+    importance: Importance,
+    seed: u64,
+) -> Result<(), fedcdd_core::Error> {
+    let (name, dims) = (p.name.as_str(), p.dims.as_slice());
+    if p.dense {
+        w.dense(name, dims, values)
+    } else {
+        w.masked(name, dims, importance, &p.kept, values, p.sigma, seed)
+    }
 }
 
 /// A parsed, fully validated upload (opaque to C). Create it with `fedcdd_upload_parse`,
