@@ -583,6 +583,23 @@ pub fn forward<B: Backend>(
     for (l, (lw, la)) in model.layers.iter().zip(ws.layers.iter_mut()).enumerate() {
         let lm = &lora.modules[l];
         let seed = |p: Proj| mode.dropout_seed.map(|s| dropout_seed(s, l, p));
+        // y = x·Wᵀ (+ LoRA) for projection p, saving LoRA's u
+        let mut run = |p: Proj, x: &B::Buf, y: &mut B::Buf| {
+            let i = p.index();
+            let u = la.lora_u[i].as_mut();
+            project(
+                be,
+                &lw.proj[i],
+                lm[i].as_ref(),
+                lcfg,
+                x,
+                y,
+                u,
+                &mut ws.drops,
+                m,
+                seed(p),
+            )
+        };
         be.copy_2d(&x, &mut la.x_in, flat(m * h));
         be.rmsnorm_forward(
             &x,
@@ -598,19 +615,7 @@ pub fn forward<B: Backend>(
             (Proj::K, &mut la.k),
             (Proj::V, &mut la.v),
         ] {
-            let i = p.index();
-            project(
-                be,
-                &lw.proj[i],
-                lm[i].as_ref(),
-                lcfg,
-                &la.n1,
-                out,
-                la.lora_u[i].as_mut(),
-                &mut ws.drops,
-                m,
-                seed(p),
-            );
+            run(p, &la.n1, out);
         }
         let rope = |heads| RopeShape {
             batch,
@@ -634,19 +639,7 @@ pub fn forward<B: Backend>(
             false,
         );
         be.attention_forward(&la.q, &la.k, &la.v, &mut la.attn, &mut la.lse, attn_shape);
-        let o = Proj::O.index();
-        project(
-            be,
-            &lw.proj[o],
-            lm[o].as_ref(),
-            lcfg,
-            &la.attn,
-            &mut ws.dn,
-            la.lora_u[o].as_mut(),
-            &mut ws.drops,
-            m,
-            seed(Proj::O),
-        );
+        run(Proj::O, &la.attn, &mut ws.dn);
         be.axpy(&mut x, 1.0, &ws.dn);
         be.copy_2d(&x, &mut la.x_mid, flat(m * h));
         be.rmsnorm_forward(
@@ -659,34 +652,10 @@ pub fn forward<B: Backend>(
             c.rms_norm_eps as f32,
         );
         for (p, out) in [(Proj::Gate, &mut la.gate), (Proj::Up, &mut la.up)] {
-            let i = p.index();
-            project(
-                be,
-                &lw.proj[i],
-                lm[i].as_ref(),
-                lcfg,
-                &la.n2,
-                out,
-                la.lora_u[i].as_mut(),
-                &mut ws.drops,
-                m,
-                seed(p),
-            );
+            run(p, &la.n2, out);
         }
         be.swiglu_forward(&la.gate, &la.up, &mut la.h);
-        let d = Proj::Down.index();
-        project(
-            be,
-            &lw.proj[d],
-            lm[d].as_ref(),
-            lcfg,
-            &la.h,
-            &mut ws.dn,
-            la.lora_u[d].as_mut(),
-            &mut ws.drops,
-            m,
-            seed(Proj::Down),
-        );
+        run(Proj::Down, &la.h, &mut ws.dn);
         be.axpy(&mut x, 1.0, &ws.dn);
     }
     be.copy_2d(&x, &mut ws.x_final, flat(m * h));
@@ -765,55 +734,32 @@ pub fn backward<B: Backend>(
         let la = &ws.layers[l];
         let lm = &mut lora.modules[l];
         let seed = |p: Proj| mode.dropout_seed.map(|s| dropout_seed(s, l, p));
+        // dx (+)= dy·W (+ LoRA) for projection p whose input was x; LoRA grads accumulate
+        let mut back = |p: Proj, x: &B::Buf, dy: &B::Buf, dx: &mut B::Buf, acc: bool| {
+            let i = p.index();
+            let (w, u) = (&lw.proj[i], la.lora_u[i].as_ref());
+            let (du, drops) = (&mut ws.du_lora, &mut ws.drops);
+            project_backward(
+                be,
+                w,
+                lm[i].as_mut(),
+                &lcfg,
+                x,
+                u,
+                dy,
+                dx,
+                acc,
+                du,
+                drops,
+                m,
+                seed(p),
+            )
+        };
         // MLP: x_out = x_mid + down(swiglu(gate(n2), up(n2)))
-        let d = Proj::Down.index();
-        project_backward(
-            be,
-            &lw.proj[d],
-            lm[d].as_mut(),
-            &lcfg,
-            &la.h,
-            la.lora_u[d].as_ref(),
-            &ws.dx,
-            &mut ws.dh,
-            false,
-            &mut ws.du_lora,
-            &mut ws.drops,
-            m,
-            seed(Proj::Down),
-        );
+        back(Proj::Down, &la.h, &ws.dx, &mut ws.dh, false);
         be.swiglu_backward(&la.gate, &la.up, &ws.dh, &mut ws.dgate, &mut ws.dup);
-        let (g, u) = (Proj::Gate.index(), Proj::Up.index());
-        project_backward(
-            be,
-            &lw.proj[g],
-            lm[g].as_mut(),
-            &lcfg,
-            &la.n2,
-            la.lora_u[g].as_ref(),
-            &ws.dgate,
-            &mut ws.dn,
-            false,
-            &mut ws.du_lora,
-            &mut ws.drops,
-            m,
-            seed(Proj::Gate),
-        );
-        project_backward(
-            be,
-            &lw.proj[u],
-            lm[u].as_mut(),
-            &lcfg,
-            &la.n2,
-            la.lora_u[u].as_ref(),
-            &ws.dup,
-            &mut ws.dn,
-            true,
-            &mut ws.du_lora,
-            &mut ws.drops,
-            m,
-            seed(Proj::Up),
-        );
+        back(Proj::Gate, &la.n2, &ws.dgate, &mut ws.dn, false);
+        back(Proj::Up, &la.n2, &ws.dup, &mut ws.dn, true);
         be.rmsnorm_backward(
             &ws.dn,
             &la.x_mid,
@@ -825,22 +771,7 @@ pub fn backward<B: Backend>(
             true,
         );
         // Attention: x_mid = x_in + o(attn(rope(q(n1)), rope(k(n1)), v(n1)))
-        let o = Proj::O.index();
-        project_backward(
-            be,
-            &lw.proj[o],
-            lm[o].as_mut(),
-            &lcfg,
-            &la.attn,
-            la.lora_u[o].as_ref(),
-            &ws.dx,
-            &mut ws.dattn,
-            false,
-            &mut ws.du_lora,
-            &mut ws.drops,
-            m,
-            seed(Proj::O),
-        );
+        back(Proj::O, &la.attn, &ws.dx, &mut ws.dattn, false);
         be.attention_backward(
             &la.q, &la.k, &la.v, &la.attn, &la.lse, &ws.dattn, &mut ws.dq, &mut ws.dk, &mut ws.dv,
             attn_shape,
@@ -868,22 +799,7 @@ pub fn backward<B: Backend>(
         );
         let mut first = true;
         for (p, dy) in [(Proj::Q, &ws.dq), (Proj::K, &ws.dk), (Proj::V, &ws.dv)] {
-            let i = p.index();
-            project_backward(
-                be,
-                &lw.proj[i],
-                lm[i].as_mut(),
-                &lcfg,
-                &la.n1,
-                la.lora_u[i].as_ref(),
-                dy,
-                &mut ws.dn,
-                !first,
-                &mut ws.du_lora,
-                &mut ws.drops,
-                m,
-                seed(p),
-            );
+            back(p, &la.n1, dy, &mut ws.dn, !first);
             first = false;
         }
         // The embedding is frozen: layer 0's input gradient is never used.
