@@ -6,6 +6,9 @@
 //! header, raw bytes), independently of the host's writer; the writer's output is checked
 //! with the same hand-rolled parser.
 
+mod python_util;
+use python_util::{PY_ENV, python, python_has_modules};
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -1493,39 +1496,9 @@ fn init_model_small_and_tinyllama_real_shapes() {
 // HF transformers interop
 // ---------------------------------------------------------------------------------------------
 
-const PY_ENV: [(&str, &str); 4] = [
-    ("HF_HUB_OFFLINE", "1"),
-    ("TRANSFORMERS_OFFLINE", "1"),
-    ("TOKENIZERS_PARALLELISM", "false"),
-    ("OMP_NUM_THREADS", "1"),
-];
-
-fn python() -> String {
-    std::env::var("FEDCDD_PYTHON").unwrap_or_else(|_| "python3".to_string())
-}
-
-fn python_has_modules() -> Result<(), String> {
-    let out = Command::new(python())
-        .args(["-c", "import torch, transformers, safetensors"])
-        .envs(PY_ENV)
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", python()))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        let err = String::from_utf8_lossy(&out.stderr);
-        Err(err
-            .lines()
-            .last()
-            .unwrap_or("import failed")
-            .trim()
-            .to_string())
-    }
-}
-
 #[test]
 fn transformers_loads_init_model_directories() {
-    if let Err(why) = python_has_modules() {
+    if let Err(why) = python_has_modules("torch, transformers, safetensors") {
         println!(
             "SKIPPED: transformers interop needs python3 with torch, transformers and \
              safetensors ({why})"

@@ -5,46 +5,18 @@
 //! Needs `python3` (or `$FEDCDD_PYTHON`) with torch, transformers, peft, safetensors and
 //! numpy; without them the test prints a `SKIPPED:` line and passes.
 
+mod python_util;
+use python_util::{PY_ENV, python, python_has_modules};
+
 mod cli_util;
 
 use std::process::Command;
 
 use cli_util::{TempDir, fedcdd_bin, workspace_root};
 
-const PY_ENV: [(&str, &str); 4] = [
-    ("HF_HUB_OFFLINE", "1"),
-    ("TRANSFORMERS_OFFLINE", "1"),
-    ("TOKENIZERS_PARALLELISM", "false"),
-    ("OMP_NUM_THREADS", "1"),
-];
-
-fn python() -> String {
-    std::env::var("FEDCDD_PYTHON").unwrap_or_else(|_| "python3".to_string())
-}
-
-/// `Err(reason)` when the interpreter or one of the modules is missing.
-fn python_has_modules() -> Result<(), String> {
-    let out = Command::new(python())
-        .args(["-c", "import torch, transformers, peft, safetensors, numpy"])
-        .envs(PY_ENV)
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", python()))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        let err = String::from_utf8_lossy(&out.stderr);
-        Err(err
-            .lines()
-            .last()
-            .unwrap_or("import failed")
-            .trim()
-            .to_string())
-    }
-}
-
 #[test]
 fn peft_adapters_roundtrip_through_fedcdd() {
-    if let Err(why) = python_has_modules() {
+    if let Err(why) = python_has_modules("torch, transformers, peft, safetensors, numpy") {
         println!(
             "SKIPPED: peft interop needs python3 with torch, transformers, peft, safetensors and \
              numpy ({why})"
