@@ -89,7 +89,13 @@ impl Proj {
 /// Parses a comma-separated target list (`q,k,v,o,gate,up,down`, `all`, PEFT names).
 pub fn parse_targets(list: &str) -> Result<Vec<Proj>> {
     let mut out = Vec::new();
-    for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+    if list.trim().is_empty() {
+        bail!("the LoRA target list is empty; give some of q,k,v,o,gate,up,down");
+    }
+    for item in list.split(',').map(str::trim) {
+        if item.is_empty() {
+            bail!("the LoRA target list {list:?} has an empty item (a doubled or trailing comma?)");
+        }
         if item == "all" || item == "all-linear" {
             return Ok(Proj::ALL.to_vec());
         }
@@ -100,9 +106,6 @@ pub fn parse_targets(list: &str) -> Result<Vec<Proj>> {
                 "unknown LoRA target module {item:?}; expected some of q,k,v,o,gate,up,down (or all)"
             ),
         }
-    }
-    if out.is_empty() {
-        bail!("the LoRA target list is empty; give some of q,k,v,o,gate,up,down");
     }
     out.sort();
     Ok(out)
@@ -156,8 +159,8 @@ impl LoraConfig {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
             "r": self.r,
-            "lora_alpha": self.alpha,
-            "lora_dropout": self.dropout,
+            "lora_alpha": json_f32(self.alpha),
+            "lora_dropout": json_f32(self.dropout),
             "target_modules": modules,
             "bias": "none",
             "fan_in_fan_out": false,
@@ -232,6 +235,14 @@ impl LoraConfig {
     }
 }
 
+/// An f32 as the decimal it was written as (0.05, not 0.05000000074505806).
+fn json_f32(v: f32) -> serde_json::Value {
+    match v.to_string().parse::<f64>() {
+        Ok(d) => serde_json::json!(d),
+        Err(_) => serde_json::json!(v),
+    }
+}
+
 /// PEFT's tensor names for layer `layer`, projection `p`: (lora_A, lora_B).
 pub fn peft_names(layer: usize, p: Proj) -> (String, String) {
     let base = format!("base_model.model.model.layers.{layer}.{}", p.layer_path());
@@ -258,4 +269,35 @@ pub fn init_lora_a(r: usize, in_features: usize, seed: u64) -> Vec<f32> {
             ((2.0 * u - 1.0) * bound) as f32
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_lists_parse_and_typos_are_errors() {
+        let p = parse_targets("v, q_proj,q").expect("valid list");
+        assert_eq!(p, vec![Proj::Q, Proj::V]);
+        assert_eq!(parse_targets("all").expect("all"), Proj::ALL.to_vec());
+        for bad in ["", " ", "q,,v", "q,", "qq", "lm_head"] {
+            assert!(parse_targets(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn adapter_config_keeps_the_decimals_given() {
+        let cfg = LoraConfig {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.05,
+            targets: vec![Proj::Q],
+            rslora: false,
+        };
+        let v = cfg.to_peft_json("m");
+        assert_eq!(v["lora_dropout"].as_f64(), Some(0.05));
+        assert_eq!(v["lora_alpha"].as_f64(), Some(16.0));
+        let back = LoraConfig::from_peft_json(&v, "test").expect("round trip");
+        assert_eq!(back, cfg);
+    }
 }
