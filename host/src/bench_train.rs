@@ -275,6 +275,12 @@ pub fn run_train_bench(a: &TrainBenchArgs) -> Result<()> {
 /// Runs scripts/bench_torch_train.py and returns its tokens/s.
 fn run_torch(dir: &Path, a: &TrainBenchArgs) -> Result<f64> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench_torch_train.py");
+    if !script.is_file() {
+        bail!(
+            "--torch needs {} (from the fedcdd source tree this binary was built in)",
+            script.display()
+        );
+    }
     eprintln!("timing PyTorch + PEFT with {}", script.display());
     let out = Command::new("python3")
         .arg(&script)
