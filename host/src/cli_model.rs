@@ -343,11 +343,7 @@ pub fn run_train(a: &TrainArgs) -> Result<()> {
     let start = Instant::now();
     let mut log = String::from("step,loss,grad_norm,lr,target_tokens,seconds\n");
     let history = train(&be, &lm.model, &mut lora, &examples, &opts, |step, s| {
-        let lr = if opts.warmup > 0 && step < opts.warmup {
-            opts.optimizer.lr() * (step + 1) as f32 / opts.warmup as f32
-        } else {
-            opts.optimizer.lr()
-        };
+        let lr = opts.lr_at(step);
         let secs = start.elapsed().as_secs_f64();
         log.push_str(&format!(
             "{},{:.6},{:.6},{:e},{},{:.3}\n",

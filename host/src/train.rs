@@ -145,6 +145,26 @@ pub struct TrainOptions {
     pub seed: u64,
 }
 
+impl TrainOptions {
+    /// The learning rate of step `step` (from 0): linear warmup, then constant.
+    pub fn lr_at(&self, step: usize) -> f32 {
+        let lr = self.optimizer.lr();
+        if self.warmup > 0 && step < self.warmup {
+            lr * (step + 1) as f32 / self.warmup as f32
+        } else {
+            lr
+        }
+    }
+}
+
+/// The token that fills batch rows past an example's end: `pad_token_id`, else the first
+/// EOS, else 0 (its positions are never targets, so only its attention inputs see it).
+fn pad_id(c: &crate::model::config::LlamaConfig) -> u32 {
+    c.pad_token_id
+        .or(c.eos_token_ids.first().copied())
+        .unwrap_or(0)
+}
+
 /// Deterministic example order: shuffled epochs (SplitMix64-driven Fisher–Yates).
 pub struct Sampler {
     order: Vec<usize>,
@@ -208,11 +228,7 @@ pub fn train<B: Backend>(
     if opts.batch == 0 || opts.seq < 1 || opts.grad_accum == 0 {
         bail!("batch, seq and grad-accum must be at least 1");
     }
-    let pad = model
-        .config
-        .pad_token_id
-        .or(model.config.eos_token_ids.first().copied())
-        .unwrap_or(0);
+    let pad = pad_id(&model.config);
     let mut ws = Workspace::new(be, &model.config, &lora.config, opts.batch, opts.seq);
     let mut opt = OptState::new(be, lora);
     let mut sampler = Sampler::new(examples.len(), opts.seed);
@@ -225,11 +241,7 @@ pub fn train<B: Backend>(
                 make_batch(&chosen, opts.seq, pad)
             })
             .collect();
-        let lr = if opts.warmup > 0 && step < opts.warmup {
-            opts.optimizer.lr() * (step + 1) as f32 / opts.warmup as f32
-        } else {
-            opts.optimizer.lr()
-        };
+        let lr = opts.lr_at(step);
         let step_seed = opts
             .seed
             .wrapping_mul(0x2545_F491_4F6C_DD1D)
@@ -307,11 +319,7 @@ pub fn evaluate<B: Backend>(
         .unwrap_or(1);
     let seq = longest.clamp(1, max_seq.max(1)).min(model.rope_positions);
     let truncated = examples.iter().filter(|e| e.ids.len() > seq + 1).count();
-    let pad = model
-        .config
-        .pad_token_id
-        .or(model.config.eos_token_ids.first().copied())
-        .unwrap_or(0);
+    let pad = pad_id(&model.config);
     // Sort by length so padding stays small; shape the workspace per distinct length.
     let mut order: Vec<usize> = (0..examples.len()).collect();
     order.sort_by_key(|&i| examples[i].ids.len());
