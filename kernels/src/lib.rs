@@ -15,6 +15,8 @@
 use std::sync::Arc;
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod rope;
 
 pub use cpu::{Cpu, CpuWeight};
