@@ -141,7 +141,7 @@ pub enum DTypeArg {
 }
 
 /// `p_relu | relu | softmax:T | samples | uniform`.
-fn parse_weighting(s: &str) -> Result<Weighting, String> {
+pub fn parse_weighting(s: &str) -> Result<Weighting, String> {
     match s {
         "p_relu" => Ok(Weighting::PRelu),
         "relu" => Ok(Weighting::Relu),

@@ -233,7 +233,7 @@ impl TrainArgs {
 
 /// A one-line progress display on a terminal, nothing otherwise.
 pub struct Progress {
-    live: bool,
+    pub live: bool,
     start: Instant,
 }
 
@@ -277,7 +277,7 @@ impl Default for Progress {
 
 /// Keeps the examples with at least one target token within their first `seq + 1` tokens
 /// (the part a training row sees); fails when none is left, naming the data file.
-fn trainable_examples(examples: Vec<Example>, seq: usize, data: &Path) -> Result<Vec<Example>> {
+pub fn trainable_examples(examples: Vec<Example>, seq: usize, data: &Path) -> Result<Vec<Example>> {
     let total = examples.len();
     let kept: Vec<Example> = examples
         .into_iter()

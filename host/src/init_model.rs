@@ -27,7 +27,7 @@
 //! (HF accepts a config `vocab_size` larger than the tokenizer). Their special ids are the
 //! BPE's (`<s>` 1, `</s>` 2, `<pad>` 3), not Meta's.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -406,6 +406,43 @@ fn build_model_with_progress(
     // Tokenizer.
     let tt = Instant::now();
     let (tok_json, tokenizer_vocab) = preset_tokenizer(args.preset.tokenizer_vocab())?;
+    let tokenizer_seconds = tt.elapsed().as_secs_f64();
+    let files = write_model_dir(
+        out,
+        &config,
+        &tok_json,
+        tokenizer_vocab,
+        args.seed,
+        dtype,
+        args.max_shard_size,
+        &|_| INIT_STD,
+        progress,
+    )?;
+    Ok(InitSummary {
+        parameters: config.num_parameters(),
+        config,
+        dtype,
+        tokenizer_vocab,
+        files,
+        tokenizer_seconds,
+        total_seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Writes a randomly initialised model (HF init, see the module docs) with `config` (its
+/// `torch_dtype` should name `dtype`; `init_std` gives each tensor's standard deviation) and the tokenizer `tok_json` into `out`: weights,
+/// config.json, generation_config.json and the tokenizer files. Returns the files written.
+pub fn write_model_dir(
+    out: &Path,
+    config: &LlamaConfig,
+    tok_json: &str,
+    tokenizer_vocab: usize,
+    seed: u64,
+    dtype: WeightDType,
+    max_shard_size: u64,
+    init_std: &(dyn Fn(&str) -> f64 + Sync),
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Vec<PathBuf>> {
     if tokenizer_vocab > config.vocab_size {
         bail!(
             "internal: the tokenizer has {tokenizer_vocab} tokens, more than the model's \
@@ -413,7 +450,6 @@ fn build_model_with_progress(
             config.vocab_size
         );
     }
-    let tokenizer_seconds = tt.elapsed().as_secs_f64();
 
     // Weights.
     let pad_row = config
@@ -426,7 +462,8 @@ fn build_model_with_progress(
         .into_iter()
         .map(|t| {
             let is_norm = t.shape.len() == 1;
-            let key = tensor_key(args.seed, &t.name);
+            let key = tensor_key(seed, &t.name);
+            let std = init_std(&t.name);
             let zero_row = if t.name == "model.embed_tokens.weight" {
                 pad_row
             } else {
@@ -436,7 +473,7 @@ fn build_model_with_progress(
                 if is_norm {
                     buf.fill(1.0);
                 } else {
-                    fill_normal(key, INIT_STD, start, buf);
+                    fill_normal(key, std, start, buf);
                     if let Some(row) = zero_row {
                         let (lo, hi) = (row * hidden, (row + 1) * hidden);
                         let end = start + buf.len();
@@ -453,7 +490,7 @@ fn build_model_with_progress(
         })
         .collect();
     let mut opts = WriteOptions::new(dtype);
-    opts.max_shard_bytes = args.max_shard_size;
+    opts.max_shard_bytes = max_shard_size;
     opts.progress = Some(progress);
     let mut files = write_checkpoint(out, tensors, opts)?;
 
@@ -492,15 +529,7 @@ fn build_model_with_progress(
         &special_tokens_map_json(),
     )?);
 
-    Ok(InitSummary {
-        parameters: config.num_parameters(),
-        config,
-        dtype,
-        tokenizer_vocab,
-        files,
-        tokenizer_seconds,
-        total_seconds: t0.elapsed().as_secs_f64(),
-    })
+    Ok(files)
 }
 
 /// Runs `fedcdd init-model`: writes the model directory, with progress and a summary on

@@ -10,6 +10,7 @@ pub mod cli_model;
 pub mod corpus;
 pub mod data;
 pub mod example;
+pub mod fl;
 pub mod init_model;
 pub mod merge;
 pub mod model;

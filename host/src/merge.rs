@@ -8,6 +8,7 @@ use clap::Args;
 
 use crate::adapter::{Tensor, load_adapter};
 use crate::init_model::DTypeArg;
+use fedcdd_kernels::WeightDType;
 use crate::model::checkpoint::{
     Checkpoint, TensorData, TensorToWrite, WriteOptions, decode_into, write_checkpoint,
 };
@@ -74,66 +75,12 @@ pub fn run_merge(a: &MergeArgs) -> Result<()> {
             .with_context(|| format!("{origin}: no adapter_config.json"))?,
         &origin,
     )?;
-    let names = ckpt.names();
     let dtype = match a.dtype {
         Some(d) => d.into(),
-        None => ckpt
-            .meta(&names[0])
-            .and_then(|m| m.dtype)
-            .context("the base checkpoint's first tensor has no float dtype")?,
+        None => checkpoint_dtype(&ckpt)?,
     };
+    let merged = merge_lora_into(&a.model, &config, &ckpt, &lcfg, &adapter.tensors, &origin, &a.out, dtype)?;
     let scale = lcfg.scale();
-    let mut tensors = Vec::with_capacity(names.len());
-    let mut merged = 0;
-    for name in &names {
-        let meta = ckpt
-            .meta(name)
-            .with_context(|| format!("tensor {name} vanished"))?;
-        let lora = lora_pair(&config, &lcfg, &adapter.tensors, name, &origin)?;
-        let data = match lora {
-            None => {
-                let (dt, _, bytes) = ckpt.raw(name)?;
-                TensorData::Raw { dtype: dt, bytes }
-            }
-            Some((a_mat, b_mat, fin)) => {
-                merged += 1;
-                let (dt, _, bytes) = ckpt.raw(name)?;
-                let esize = dt.size();
-                let r = lcfg.r;
-                TensorData::generate(move |start, out| {
-                    // chunks hold whole rows: out = rows start/fin .. of W + scale·B·A
-                    decode_into(dt, &bytes[start * esize..(start + out.len()) * esize], out);
-                    for (i, row) in out.chunks_mut(fin).enumerate() {
-                        let o = start / fin + i;
-                        for k in 0..r {
-                            let b = scale * b_mat[o * r + k];
-                            let a_row = &a_mat[k * fin..(k + 1) * fin];
-                            for (w, &av) in row.iter_mut().zip(a_row) {
-                                *w += b * av;
-                            }
-                        }
-                    }
-                })
-            }
-        };
-        tensors.push(TensorToWrite::new(name.clone(), meta.shape.clone(), data));
-    }
-    let expected = config.num_hidden_layers * lcfg.targets.len();
-    if merged != expected {
-        bail!("merged {merged} projections, expected {expected}: the base checkpoint lacks some");
-    }
-    std::fs::create_dir_all(&a.out)
-        .with_context(|| format!("cannot create {}", a.out.display()))?;
-    write_checkpoint(&a.out, tensors, WriteOptions::new(dtype))?;
-    // to_json writes both "dtype" (transformers 5) and "torch_dtype" from this field.
-    let mut out_config = config.clone();
-    out_config.torch_dtype = Some(crate::model::checkpoint::torch_dtype_name(dtype).into());
-    let mut text = serde_json::to_vec_pretty(&out_config.to_json())?;
-    text.push(b'\n');
-    crate::adapter::write_atomic(&a.out.join("config.json"), &text)?;
-    for f in COPIED {
-        copy_if_present(&a.model.join(f), &a.out.join(f))?;
-    }
     eprintln!(
         "merged {merged} LoRA projections (r={}, scale {scale}) into {}",
         lcfg.r,
@@ -202,4 +149,84 @@ fn copy_if_present(from: &Path, to: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", from.display())),
     }
+}
+
+/// The storage dtype of a checkpoint (its first tensor's).
+pub fn checkpoint_dtype(ckpt: &Checkpoint) -> Result<WeightDType> {
+    let names = ckpt.names();
+    names
+        .first()
+        .and_then(|n| ckpt.meta(n))
+        .and_then(|m| m.dtype)
+        .context("the base checkpoint's first tensor has no float dtype")
+}
+
+/// Writes `W + scale·B·A` for every projection the LoRA `tensors` (PEFT names, layout
+/// `lcfg`) target, the other tensors unchanged, as an HF model directory `out` (config and
+/// tokenizer files copied from `model_dir`). Returns the number of merged projections.
+#[allow(clippy::too_many_arguments)]
+pub fn merge_lora_into(
+    model_dir: &Path,
+    config: &LlamaConfig,
+    ckpt: &Checkpoint,
+    lcfg: &LoraConfig,
+    tensors: &[Tensor],
+    origin: &str,
+    out: &Path,
+    dtype: WeightDType,
+) -> Result<usize> {
+    let names = ckpt.names();
+    let scale = lcfg.scale();
+    let mut to_write = Vec::with_capacity(names.len());
+    let mut merged = 0;
+    for name in &names {
+        let meta = ckpt
+            .meta(name)
+            .with_context(|| format!("tensor {name} vanished"))?;
+        let lora = lora_pair(config, lcfg, tensors, name, origin)?;
+        let data = match lora {
+            None => {
+                let (dt, _, bytes) = ckpt.raw(name)?;
+                TensorData::Raw { dtype: dt, bytes }
+            }
+            Some((a_mat, b_mat, fin)) => {
+                merged += 1;
+                let (dt, _, bytes) = ckpt.raw(name)?;
+                let esize = dt.size();
+                let r = lcfg.r;
+                TensorData::generate(move |start, out| {
+                    // chunks hold whole rows: out = rows start/fin .. of W + scale·B·A
+                    decode_into(dt, &bytes[start * esize..(start + out.len()) * esize], out);
+                    for (i, row) in out.chunks_mut(fin).enumerate() {
+                        let o = start / fin + i;
+                        for k in 0..r {
+                            let b = scale * b_mat[o * r + k];
+                            let a_row = &a_mat[k * fin..(k + 1) * fin];
+                            for (w, &av) in row.iter_mut().zip(a_row) {
+                                *w += b * av;
+                            }
+                        }
+                    }
+                })
+            }
+        };
+        to_write.push(TensorToWrite::new(name.clone(), meta.shape.clone(), data));
+    }
+    let expected = config.num_hidden_layers * lcfg.targets.len();
+    if merged != expected {
+        bail!("merged {merged} projections, expected {expected}: the base checkpoint lacks some");
+    }
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("cannot create {}", out.display()))?;
+    write_checkpoint(out, to_write, WriteOptions::new(dtype))?;
+    // to_json writes both "dtype" (transformers 5) and "torch_dtype" from this field.
+    let mut out_config = config.clone();
+    out_config.torch_dtype = Some(crate::model::checkpoint::torch_dtype_name(dtype).into());
+    let mut text = serde_json::to_vec_pretty(&out_config.to_json())?;
+    text.push(b'\n');
+    crate::adapter::write_atomic(&out.join("config.json"), &text)?;
+    for f in COPIED {
+        copy_if_present(&model_dir.join(f), &out.join(f))?;
+    }
+    Ok(merged)
 }

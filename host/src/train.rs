@@ -27,7 +27,7 @@ impl Optimizer {
         }
     }
 
-    fn with_lr(self, lr: f32) -> Self {
+    pub fn with_lr(self, lr: f32) -> Self {
         match self {
             Optimizer::AdamW(h) => Optimizer::AdamW(AdamW { lr, ..h }),
             Optimizer::Sgd(h) => Optimizer::Sgd(Sgd { lr, ..h }),
@@ -41,6 +41,8 @@ pub struct OptState<B: Backend> {
     v: Vec<B::Buf>,
     /// Steps taken (AdamW bias correction; SGD's first momentum use).
     pub steps: u64,
+    /// Parameters (same order) the optimizer leaves alone, e.g. FFA-LoRA's shared A.
+    pub frozen: Vec<bool>,
 }
 
 impl<B: Backend> OptState<B> {
@@ -54,6 +56,7 @@ impl<B: Backend> OptState<B> {
             m: sizes.iter().map(|&n| be.zeros(n)).collect(),
             v: sizes.iter().map(|&n| be.zeros(n)).collect(),
             steps: 0,
+            frozen: vec![false; sizes.len()],
         }
     }
 }
@@ -105,6 +108,12 @@ pub fn train_step<B: Backend>(
         llama::backward(be, model, lora, ws, mode);
     }
     grad_hook(be, lora);
+    // Frozen parameters get no gradient, so they count for nothing in the clipping norm.
+    for (i, (_, g)) in lora.params_mut().into_iter().enumerate() {
+        if opt.frozen.get(i).copied().unwrap_or(false) {
+            be.fill(g, 0.0);
+        }
+    }
     let grad_norm = {
         let mut grads: Vec<&mut B::Buf> = lora.params_mut().into_iter().map(|(_, g)| g).collect();
         match max_grad_norm {
@@ -118,6 +127,9 @@ pub fn train_step<B: Backend>(
     opt.steps += 1;
     let step = opt.steps;
     for (i, (p, g)) in lora.params_mut().into_iter().enumerate() {
+        if opt.frozen.get(i).copied().unwrap_or(false) {
+            continue;
+        }
         match optimizer {
             Optimizer::AdamW(hp) => be.adamw_step(p, g, &mut opt.m[i], &mut opt.v[i], hp, step),
             Optimizer::Sgd(hp) => be.sgd_step(p, g, &mut opt.m[i], hp, step == 1),
@@ -159,7 +171,7 @@ impl TrainOptions {
 
 /// The token that fills batch rows past an example's end: `pad_token_id`, else the first
 /// EOS, else 0 (its positions are never targets, so only its attention inputs see it).
-fn pad_id(c: &crate::model::config::LlamaConfig) -> u32 {
+pub fn pad_id(c: &crate::model::config::LlamaConfig) -> u32 {
     c.pad_token_id
         .or(c.eos_token_ids.first().copied())
         .unwrap_or(0)

@@ -1,0 +1,287 @@
+//! The built-in base model: a small LLaMA pre-trained on the benchmark's prose
+//! ([`super::builtin::pretrain_texts`]), built once and cached on disk.
+//!
+//! The training engine trains LoRA factors only, so pre-training is a full-rank LoRA
+//! (`r` = hidden size on every projection, rsLoRA scaling) merged into the randomly
+//! initialised weights at the end. Embedding and LM head stay at their random init: with a
+//! vocabulary of a few hundred tokens and an embedding width close to it they are fixed but
+//! expressive features. The recipe is versioned: a changed recipe gets a new cache entry.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use fedcdd_kernels::{AdamW, Cpu, RopeScaling, WeightDType};
+
+use crate::cli_model::Progress;
+use crate::data::{Record, tokenize_records};
+use crate::init_model::write_model_dir;
+use crate::merge::merge_lora_into;
+use crate::model::checkpoint::{Checkpoint, torch_dtype_name};
+use crate::model::config::LlamaConfig;
+use crate::model::llama::{Lora, Model};
+use crate::model::lora::{LoraConfig, Proj};
+use crate::tokenizer::{Tokenizer, train_bpe};
+use crate::train::{Optimizer, TrainOptions, train};
+
+use super::builtin;
+
+/// The LM head is never trained (LoRA covers the projections only) and the final RMSNorm
+/// bounds the hidden state, so the head's scale caps the logit margin: with HF's 0.02 the best
+/// reachable loss over a few hundred tokens is about 3.5 nats. 0.1 allows margins above 10.
+const LM_HEAD_STD: f64 = 0.1;
+
+/// Everything that decides the built-in base model's weights.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct BaseRecipe {
+    pub version: u32,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub intermediate: usize,
+    pub tokenizer_vocab: usize,
+    pub lm_head_std: f64,
+    pub rank: usize,
+    pub steps: usize,
+    pub batch: usize,
+    pub seq: usize,
+    pub lr: f32,
+    pub sentences_per_line: usize,
+    pub lines: usize,
+    pub seed: u64,
+}
+
+impl Default for BaseRecipe {
+    fn default() -> Self {
+        BaseRecipe {
+            version: 2,
+            hidden: 128,
+            layers: 4,
+            heads: 4,
+            kv_heads: 2,
+            intermediate: 384,
+            tokenizer_vocab: 448,
+            lm_head_std: LM_HEAD_STD,
+            rank: 64,
+            steps: 400,
+            batch: 32,
+            seq: 96,
+            lr: 3e-3,
+            sentences_per_line: 3,
+            lines: 20_000,
+            seed: 0,
+        }
+    }
+}
+
+impl BaseRecipe {
+    /// A short stable hash of the recipe (the cache key).
+    pub fn key(&self) -> String {
+        let text = serde_json::to_string(self).unwrap_or_default();
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in text.bytes() {
+            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+        format!("builtin-base-v{}-{:016x}", self.version, h)
+    }
+
+    fn config(&self, vocab: usize) -> LlamaConfig {
+        let mut c = crate::init_model::Preset::Tiny.config();
+        c.vocab_size = vocab;
+        c.hidden_size = self.hidden;
+        c.intermediate_size = self.intermediate;
+        c.num_hidden_layers = self.layers;
+        c.num_attention_heads = self.heads;
+        c.num_key_value_heads = self.kv_heads;
+        c.head_dim = self.hidden / self.heads;
+        c.max_position_embeddings = 256;
+        c.rope_scaling = RopeScaling::None;
+        c.tie_word_embeddings = false;
+        c.torch_dtype = Some(torch_dtype_name(WeightDType::F32).to_string());
+        c
+    }
+}
+
+/// Where cached base models live: `$FEDCDD_CACHE`, else `$XDG_CACHE_HOME/fedcdd`, else
+/// `~/.cache/fedcdd`, else a `fedcdd-cache` folder in the temp dir.
+pub fn cache_root() -> PathBuf {
+    if let Some(p) = std::env::var_os("FEDCDD_CACHE").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = std::env::var_os("XDG_CACHE_HOME").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p).join("fedcdd");
+    }
+    if let Some(p) = std::env::var_os("HOME").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p).join(".cache").join("fedcdd");
+    }
+    std::env::temp_dir().join("fedcdd-cache")
+}
+
+/// The cached base model directory for `recipe` under `root`, building it first when it is
+/// missing. `log` gets one-line messages.
+pub fn ensure_base(
+    root: &Path,
+    recipe: &BaseRecipe,
+    threads: usize,
+    log: &mut dyn FnMut(&str),
+) -> Result<PathBuf> {
+    let dir = root.join(recipe.key());
+    if dir.join("pretrain.json").is_file() {
+        return Ok(dir);
+    }
+    std::fs::create_dir_all(root)
+        .with_context(|| format!("cannot create the cache directory {}", root.display()))?;
+    log(&format!(
+        "building the built-in base model (once; cached in {})",
+        dir.display()
+    ));
+    // Build beside the final place, then rename: an interrupted build leaves no half model.
+    let work = root.join(format!("{}.building-{}", recipe.key(), std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let result = build_base(&work, recipe, threads, log);
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&work);
+        return Err(e);
+    }
+    let built = work.join("model");
+    match std::fs::rename(&built, &dir) {
+        Ok(()) => {}
+        // Another process finished first: use its model.
+        Err(_) if dir.join("pretrain.json").is_file() => {}
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&work);
+            return Err(e).with_context(|| format!("cannot move the base model to {}", dir.display()));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(dir)
+}
+
+/// Builds the base model into `work/model`: tokenizer, random init, full-rank LoRA
+/// pre-training on the prose, merge.
+pub fn build_base(
+    work: &Path,
+    recipe: &BaseRecipe,
+    threads: usize,
+    log: &mut dyn FnMut(&str),
+) -> Result<()> {
+    let t0 = Instant::now();
+    let tok = train_bpe(&builtin::tokenizer_texts(), recipe.tokenizer_vocab)?;
+    let tok_vocab = tok.get_vocab_size(true);
+    let tok_json = tok
+        .to_string(false)
+        .map_err(|e| anyhow::anyhow!("cannot serialize the tokenizer: {e}"))?;
+    let vocab = tok_vocab.next_multiple_of(64);
+    let config = recipe.config(vocab);
+    let init = work.join("init");
+    std::fs::create_dir_all(&init).with_context(|| format!("cannot create {}", init.display()))?;
+    write_model_dir(
+        &init,
+        &config,
+        &tok_json,
+        tok_vocab,
+        recipe.seed,
+        WeightDType::F32,
+        u64::MAX,
+        &|name| {
+            if name == "lm_head.weight" {
+                recipe.lm_head_std
+            } else {
+                crate::init_model::INIT_STD
+            }
+        },
+        &mut |_, _| {},
+    )?;
+
+    let be = Cpu::new(threads).map_err(|e| anyhow::anyhow!("cannot start the CPU backend: {e}"))?;
+    let ckpt = Checkpoint::open(&init)?;
+    let model = Model::load(&be, config.clone(), &ckpt)?;
+    let tokenizer = Tokenizer::load(&init)?;
+    let records: Vec<Record> =
+        builtin::pretrain_texts(recipe.lines, recipe.sentences_per_line, recipe.seed)
+            .into_iter()
+            .map(|text| Record::Text { text, domain: None })
+            .collect();
+    let examples = tokenize_records(&records, &tokenizer)?;
+    let longest = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
+    if longest > recipe.seq + 1 {
+        log(&format!(
+            "note: the longest pre-training line has {longest} tokens; rows are cut at {}",
+            recipe.seq + 1
+        ));
+    }
+    let lcfg = LoraConfig {
+        r: recipe.rank,
+        alpha: 1.0,
+        dropout: 0.0,
+        targets: Proj::ALL.to_vec(),
+        rslora: true,
+    };
+    let mut lora = Lora::init(&be, &config, lcfg.clone(), recipe.seed)?;
+    let opts = TrainOptions {
+        steps: recipe.steps,
+        batch: recipe.batch,
+        seq: recipe.seq,
+        grad_accum: 1,
+        optimizer: Optimizer::AdamW(AdamW {
+            lr: recipe.lr,
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }),
+        max_grad_norm: Some(1.0),
+        warmup: recipe.steps / 10,
+        seed: recipe.seed,
+    };
+    let progress = Progress::new();
+    let mut first = f64::NAN;
+    let mut last = f64::NAN;
+    let history = train(&be, &model, &mut lora, &examples, &opts, |step, s| {
+        if step == 0 {
+            first = s.loss;
+        }
+        last = s.loss;
+        progress.update(
+            step + 1,
+            recipe.steps,
+            &format!("pre-training the base model, loss {:.3}", s.loss),
+        );
+    })?;
+    progress.finish();
+    if !last.is_finite() {
+        bail!("pre-training the base model diverged (loss {last})");
+    }
+    let tensors = lora.to_tensors(&be);
+    let out = work.join("model");
+    merge_lora_into(
+        &init,
+        &config,
+        &ckpt,
+        &lcfg,
+        &tensors,
+        "base pre-training",
+        &out,
+        WeightDType::F32,
+    )?;
+    let tokens: usize = history.iter().map(|s| s.tokens).sum();
+    let secs = t0.elapsed().as_secs_f64();
+    let summary = serde_json::json!({
+        "recipe": recipe,
+        "first_loss": first,
+        "final_loss": last,
+        "tokens": tokens,
+        "seconds": secs,
+        "threads": threads,
+        "loss_curve": history.iter().step_by(10).map(|s| s.loss).collect::<Vec<_>>(),
+    });
+    let mut text = serde_json::to_vec_pretty(&summary)?;
+    text.push(b'\n');
+    crate::adapter::write_atomic(&out.join("pretrain.json"), &text)?;
+    log(&format!(
+        "base model pre-trained in {secs:.0} s: {} steps, loss {first:.3} -> {last:.3}",
+        history.len()
+    ));
+    Ok(())
+}
