@@ -8,8 +8,8 @@
 
 use fedcdd_kernels::cuda::Cuda;
 use fedcdd_kernels::{
-    AdamW, AttnShape, Backend, Copy2d, Cpu, Gemm, LoraDims, RopeScaling, RopeShape, RopeTable,
-    Sgd, WeightDType, WeightSource,
+    AdamW, AttnShape, Backend, Copy2d, Cpu, Gemm, LoraDims, RopeScaling, RopeShape, RopeTable, Sgd,
+    WeightDType, WeightSource,
 };
 use half::{bf16, f16};
 
@@ -170,12 +170,22 @@ fn elementwise_ops_match_the_reference() {
             r.dropout_forward(&x, &mut want, p, seed_d);
             let mut g = c.upload(&nan(n));
             c.dropout_forward(&c.upload(&x), &mut g, p, seed_d);
-            check(&what(&format!("dropout_forward p={p}")), &down(&c, &g), &want, F32_TOL);
+            check(
+                &what(&format!("dropout_forward p={p}")),
+                &down(&c, &g),
+                &want,
+                F32_TOL,
+            );
             let mut want = y.clone();
             r.dropout_backward(&x, &mut want, p, seed_d);
             let mut g = c.upload(&y);
             c.dropout_backward(&c.upload(&x), &mut g, p, seed_d);
-            check(&what(&format!("dropout_backward p={p}")), &down(&c, &g), &want, F32_TOL);
+            check(
+                &what(&format!("dropout_backward p={p}")),
+                &down(&c, &g),
+                &want,
+                F32_TOL,
+            );
         }
         // SwiGLU
         let dout = rng.vec(n, 1.0);
@@ -211,8 +221,14 @@ fn elementwise_ops_match_the_reference() {
             dst_stride: 200,
         },
     ] {
-        let src = rng.vec(spec.src_offset + spec.count * spec.src_stride + spec.len, 1.0);
-        let dst0 = rng.vec(spec.dst_offset + spec.count * spec.dst_stride + spec.len, 1.0);
+        let src = rng.vec(
+            spec.src_offset + spec.count * spec.src_stride + spec.len,
+            1.0,
+        );
+        let dst0 = rng.vec(
+            spec.dst_offset + spec.count * spec.dst_stride + spec.len,
+            1.0,
+        );
         let mut want = dst0.clone();
         r.copy_2d(&src, &mut want, spec);
         let mut g = c.upload(&dst0);
@@ -233,7 +249,10 @@ fn rmsnorm_matches_the_reference() {
             let x = rng.vec(rows * dim, 2.0);
             let wv = rng.vec(dim, 1.0);
             let src = source(&wv, 1, dim, dtype);
-            let (wc, wg) = (r.weight(&src).expect("cpu weight"), c.weight(&src).expect("weight"));
+            let (wc, wg) = (
+                r.weight(&src).expect("cpu weight"),
+                c.weight(&src).expect("weight"),
+            );
             let (mut y, mut rs) = (nan(rows * dim), nan(rows));
             r.rmsnorm_forward(&x, &wc, &mut y, &mut rs, rows, dim, 1e-5);
             let xg = c.upload(&x);
@@ -243,12 +262,30 @@ fn rmsnorm_matches_the_reference() {
             check(&format!("{what} rstd"), &down(&c, &rsg), &rs, F32_TOL);
             let dy = rng.vec(rows * dim, 1.0);
             for acc in [false, true] {
-                let dx0 = if acc { rng.vec(rows * dim, 1.0) } else { nan(rows * dim) };
+                let dx0 = if acc {
+                    rng.vec(rows * dim, 1.0)
+                } else {
+                    nan(rows * dim)
+                };
                 let mut want = dx0.clone();
                 r.rmsnorm_backward(&dy, &x, &wc, &rs, &mut want, rows, dim, acc);
                 let mut g = c.upload(&dx0);
-                c.rmsnorm_backward(&c.upload(&dy), &xg, &wg, &c.upload(&rs), &mut g, rows, dim, acc);
-                check(&format!("{what} dx acc={acc}"), &down(&c, &g), &want, F32_TOL);
+                c.rmsnorm_backward(
+                    &c.upload(&dy),
+                    &xg,
+                    &wg,
+                    &c.upload(&rs),
+                    &mut g,
+                    rows,
+                    dim,
+                    acc,
+                );
+                check(
+                    &format!("{what} dx acc={acc}"),
+                    &down(&c, &g),
+                    &want,
+                    F32_TOL,
+                );
             }
         }
     }
@@ -372,7 +409,8 @@ fn attention_matches_the_reference() {
 
         let (mut dq, mut dk, mut dv) = (nan(nq), nan(nk), nan(nk));
         r.attention_backward(&q, &k, &v, &out, &lse, &dout, &mut dq, &mut dk, &mut dv, sh);
-        let (mut dqg, mut dkg, mut dvg) = (c.upload(&nan(nq)), c.upload(&nan(nk)), c.upload(&nan(nk)));
+        let (mut dqg, mut dkg, mut dvg) =
+            (c.upload(&nan(nq)), c.upload(&nan(nk)), c.upload(&nan(nk)));
         let (outg, lseg, doutg) = (c.upload(&out), c.upload(&lse), c.upload(&dout));
         c.attention_backward(
             &qg, &kg, &vg, &outg, &lseg, &doutg, &mut dqg, &mut dkg, &mut dvg, sh,
@@ -390,14 +428,26 @@ fn linear_and_matmul_match_the_reference() {
     let s = seed();
     let mut rng = Rng(s);
     let half_tol = if c.info().cublas { HALF_TOL } else { F32_TOL };
-    for (m, n, k) in [(1usize, 1usize, 1usize), (37, 65, 129), (128, 256, 512), (5, 1000, 77)] {
+    for (m, n, k) in [
+        (1usize, 1usize, 1usize),
+        (37, 65, 129),
+        (128, 256, 512),
+        (5, 1000, 77),
+    ] {
         for dtype in DTYPES {
-            let tol = if dtype == WeightDType::F32 { F32_TOL } else { half_tol };
+            let tol = if dtype == WeightDType::F32 {
+                F32_TOL
+            } else {
+                half_tol
+            };
             let what = format!("linear m={m} n={n} k={k} {dtype:?} seed={s}");
             let x = rng.vec(m * k, 1.0);
             let wv = rng.vec(n * k, 1.0);
             let src = source(&wv, n, k, dtype);
-            let (wc, wg) = (r.weight(&src).expect("cpu weight"), c.weight(&src).expect("weight"));
+            let (wc, wg) = (
+                r.weight(&src).expect("cpu weight"),
+                c.weight(&src).expect("weight"),
+            );
             let dy = rng.vec(m * n, 1.0);
             for acc in [false, true] {
                 let y0 = if acc { rng.vec(m * n, 1.0) } else { nan(m * n) };
@@ -405,17 +455,33 @@ fn linear_and_matmul_match_the_reference() {
                 r.linear_forward(&x, &wc, &mut want, m, acc);
                 let mut g = c.upload(&y0);
                 c.linear_forward(&c.upload(&x), &wg, &mut g, m, acc);
-                check(&format!("{what} forward acc={acc}"), &down(&c, &g), &want, tol);
+                check(
+                    &format!("{what} forward acc={acc}"),
+                    &down(&c, &g),
+                    &want,
+                    tol,
+                );
                 let dx0 = if acc { rng.vec(m * k, 1.0) } else { nan(m * k) };
                 let mut want = dx0.clone();
                 r.linear_backward_input(&dy, &wc, &mut want, m, acc);
                 let mut g = c.upload(&dx0);
                 c.linear_backward_input(&c.upload(&dy), &wg, &mut g, m, acc);
-                check(&format!("{what} backward acc={acc}"), &down(&c, &g), &want, tol);
+                check(
+                    &format!("{what} backward acc={acc}"),
+                    &down(&c, &g),
+                    &want,
+                    tol,
+                );
             }
         }
     }
-    for (m, n, k) in [(1usize, 1usize, 1usize), (17, 33, 65), (64, 64, 64), (130, 70, 300), (8, 4096, 2000)] {
+    for (m, n, k) in [
+        (1usize, 1usize, 1usize),
+        (17, 33, 65),
+        (64, 64, 64),
+        (130, 70, 300),
+        (8, 4096, 2000),
+    ] {
         for (trans_a, trans_b) in [(false, false), (true, false), (false, true), (true, true)] {
             for (alpha, beta) in [(1.0f32, 0.0f32), (0.5, 1.0), (-2.0, 0.25)] {
                 let g = Gemm {
@@ -429,12 +495,21 @@ fn linear_and_matmul_match_the_reference() {
                 };
                 let a = rng.vec(m * k, 1.0);
                 let b = rng.vec(k * n, 1.0);
-                let c0 = if beta == 0.0 { nan(m * n) } else { rng.vec(m * n, 1.0) };
+                let c0 = if beta == 0.0 {
+                    nan(m * n)
+                } else {
+                    rng.vec(m * n, 1.0)
+                };
                 let mut want = c0.clone();
                 r.matmul(g, &a, &b, &mut want);
                 let mut cg = c.upload(&c0);
                 c.matmul(g, &c.upload(&a), &c.upload(&b), &mut cg);
-                check(&format!("matmul {g:?} seed={s}"), &down(&c, &cg), &want, F32_TOL);
+                check(
+                    &format!("matmul {g:?} seed={s}"),
+                    &down(&c, &cg),
+                    &want,
+                    F32_TOL,
+                );
             }
         }
     }
@@ -446,7 +521,13 @@ fn lora_matches_the_reference() {
     let r = Cpu::reference();
     let s = seed();
     let mut rng = Rng(s);
-    for (m, k, n, rank) in [(1usize, 1usize, 1usize, 1usize), (37, 65, 129, 8), (300, 256, 512, 16), (2048, 512, 384, 64), (4096, 128, 96, 4)] {
+    for (m, k, n, rank) in [
+        (1usize, 1usize, 1usize, 1usize),
+        (37, 65, 129, 8),
+        (300, 256, 512, 16),
+        (2048, 512, 384, 64),
+        (4096, 128, 96, 4),
+    ] {
         let d = LoraDims {
             m,
             k,
@@ -468,11 +549,31 @@ fn lora_matches_the_reference() {
         check(&format!("{what} y"), &down(&c, &yg), &y, F32_TOL);
         let dy = rng.vec(m * n, 1.0);
         for with_dx in [false, true] {
-            let (da0, db0, dx0) = (rng.vec(rank * k, 1.0), rng.vec(n * rank, 1.0), rng.vec(m * k, 1.0));
-            let (mut da, mut db, mut du, mut dx) = (da0.clone(), db0.clone(), nan(m * rank), dx0.clone());
-            r.lora_backward(&x, &a, &b, &u, &dy, d, &mut da, &mut db, &mut du, with_dx.then_some(&mut dx));
-            let (mut dag, mut dbg, mut dug, mut dxg) =
-                (c.upload(&da0), c.upload(&db0), c.upload(&nan(m * rank)), c.upload(&dx0));
+            let (da0, db0, dx0) = (
+                rng.vec(rank * k, 1.0),
+                rng.vec(n * rank, 1.0),
+                rng.vec(m * k, 1.0),
+            );
+            let (mut da, mut db, mut du, mut dx) =
+                (da0.clone(), db0.clone(), nan(m * rank), dx0.clone());
+            r.lora_backward(
+                &x,
+                &a,
+                &b,
+                &u,
+                &dy,
+                d,
+                &mut da,
+                &mut db,
+                &mut du,
+                with_dx.then_some(&mut dx),
+            );
+            let (mut dag, mut dbg, mut dug, mut dxg) = (
+                c.upload(&da0),
+                c.upload(&db0),
+                c.upload(&nan(m * rank)),
+                c.upload(&dx0),
+            );
             let ugu = c.upload(&u);
             c.lora_backward(
                 &xg,
@@ -486,10 +587,30 @@ fn lora_matches_the_reference() {
                 &mut dug,
                 with_dx.then_some(&mut dxg),
             );
-            check(&format!("{what} dA dx={with_dx}"), &down(&c, &dag), &da, F32_TOL);
-            check(&format!("{what} dB dx={with_dx}"), &down(&c, &dbg), &db, F32_TOL);
-            check(&format!("{what} du dx={with_dx}"), &down(&c, &dug), &du, F32_TOL);
-            check(&format!("{what} dx dx={with_dx}"), &down(&c, &dxg), &dx, F32_TOL);
+            check(
+                &format!("{what} dA dx={with_dx}"),
+                &down(&c, &dag),
+                &da,
+                F32_TOL,
+            );
+            check(
+                &format!("{what} dB dx={with_dx}"),
+                &down(&c, &dbg),
+                &db,
+                F32_TOL,
+            );
+            check(
+                &format!("{what} du dx={with_dx}"),
+                &down(&c, &dug),
+                &du,
+                F32_TOL,
+            );
+            check(
+                &format!("{what} dx dx={with_dx}"),
+                &down(&c, &dxg),
+                &dx,
+                F32_TOL,
+            );
         }
     }
 }
@@ -502,12 +623,18 @@ fn embedding_and_cross_entropy_match_the_reference() {
     let mut rng = Rng(s);
     for (vocab, dim, tokens) in [(1usize, 1usize, 1usize), (17, 33, 50), (1000, 4096, 37)] {
         for dtype in DTYPES {
-            let what = format!("embedding vocab={vocab} dim={dim} tokens={tokens} {dtype:?} seed={s}");
+            let what =
+                format!("embedding vocab={vocab} dim={dim} tokens={tokens} {dtype:?} seed={s}");
             let table = rng.vec(vocab * dim, 1.0);
             let src = source(&table, vocab, dim, dtype);
-            let (tc, tg) = (r.weight(&src).expect("cpu weight"), c.weight(&src).expect("weight"));
+            let (tc, tg) = (
+                r.weight(&src).expect("cpu weight"),
+                c.weight(&src).expect("weight"),
+            );
             // repeated ids on purpose (the backward adds them up)
-            let ids: Vec<i32> = (0..tokens).map(|_| rng.below(vocab.min(7)) as i32).collect();
+            let ids: Vec<i32> = (0..tokens)
+                .map(|_| rng.below(vocab.min(7)) as i32)
+                .collect();
             let idg = c.upload_ids(&ids);
             let mut want = nan(tokens * dim);
             r.embedding_forward(&tc, &ids, &mut want);
@@ -528,7 +655,13 @@ fn embedding_and_cross_entropy_match_the_reference() {
             let what = format!("cross_entropy rows={rows} vocab={vocab} grad={grad:?} seed={s}");
             let logits = rng.vec(rows * vocab, 8.0);
             let targets: Vec<i32> = (0..rows)
-                .map(|i| if i % 3 == 2 { -100 } else { rng.below(vocab) as i32 })
+                .map(|i| {
+                    if i % 3 == 2 {
+                        -100
+                    } else {
+                        rng.below(vocab) as i32
+                    }
+                })
                 .collect();
             let tg = c.upload_ids(&targets);
             let (mut wl, mut wr) = (logits.clone(), nan(rows));
@@ -616,5 +749,29 @@ fn optimizers_match_the_reference() {
             }
             check(&format!("{what} param"), &down(&c, &pg), &p, F32_TOL);
         }
+    }
+}
+
+#[test]
+fn kernel_benchmark_runs_on_small_sizes() {
+    let opts = fedcdd_kernels::cuda::bench::BenchOptions {
+        iters: 2,
+        tokens: 256,
+        dim: 256,
+        hidden: 512,
+        vocab: 1000,
+        q_heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+        seq: 128,
+        rank: 8,
+        ..Default::default()
+    };
+    match fedcdd_kernels::cuda::bench::run(&opts) {
+        Ok(table) => {
+            println!("{table}");
+            assert!(table.contains("attention_backward"));
+        }
+        Err(e) => println!("SKIPPED: no CUDA device ({e})"),
     }
 }

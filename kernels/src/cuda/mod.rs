@@ -15,8 +15,8 @@
 //! the activations in f32.
 
 pub mod bench;
-mod ops;
 pub mod nvrtc;
+mod ops;
 
 use std::collections::HashMap;
 use std::sync::Arc;
