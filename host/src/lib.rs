@@ -13,6 +13,7 @@ pub mod example;
 pub mod init_model;
 pub mod merge;
 pub mod model;
+pub mod report;
 pub mod tokenizer;
 pub mod train;
 pub mod update;
