@@ -14,6 +14,7 @@ pub mod fl;
 pub mod init_model;
 pub mod merge;
 pub mod model;
+pub mod report;
 pub mod tokenizer;
 pub mod train;
 pub mod update;

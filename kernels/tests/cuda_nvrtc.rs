@@ -21,7 +21,12 @@ fn every_kernel_compiles_to_ptx() {
         return;
     }
     let version = nvrtc::nvrtc_version().expect("NVRTC version");
-    println!("NVRTC {}.{}; headers from {:?}", version.0, version.1, nvrtc::include_dirs());
+    println!(
+        "NVRTC {}.{}; headers from {:?}",
+        version.0,
+        version.1,
+        nvrtc::include_dirs()
+    );
     for arch in ["compute_80", "compute_90"] {
         let t = std::time::Instant::now();
         match fedcdd_kernels::cuda::compile_all_ptx(arch) {

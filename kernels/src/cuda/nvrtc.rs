@@ -204,7 +204,10 @@ fn has_headers(dir: &Path) -> bool {
 /// `python3`'s `sys.path` (empty when there is no python3).
 fn python_sys_path() -> Vec<PathBuf> {
     let out = std::process::Command::new("python3")
-        .args(["-c", "import sys; print('\\n'.join(p for p in sys.path if p))"])
+        .args([
+            "-c",
+            "import sys; print('\\n'.join(p for p in sys.path if p))",
+        ])
         .stderr(std::process::Stdio::null())
         .output();
     match out {
@@ -268,7 +271,10 @@ pub fn compile_all_ptx(arch: &str) -> Result<Vec<(String, usize)>, String> {
         let ptx = compile_source(src, arch, &includes)?;
         for k in src.kernels {
             if !ptx.contains(&format!(".entry {k}(")) {
-                return Err(format!("{}.cu: kernel {k} is missing from the PTX", src.name));
+                return Err(format!(
+                    "{}.cu: kernel {k} is missing from the PTX",
+                    src.name
+                ));
             }
         }
         out.push((src.name.to_string(), ptx.len()));
