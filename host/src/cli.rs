@@ -60,6 +60,11 @@ pub enum Command {
     Eval(crate::cli_model::EvalArgs),
     /// Generate text with a KV cache (greedy, temperature, top-p).
     Generate(crate::cli_model::GenerateArgs),
+    /// Federated LoRA fine-tuning: rounds of clients, any algorithm, per-domain report.
+    /// With no arguments: FedCDD on the built-in benchmark and base model (CPU, minutes).
+    Run(crate::fl::cli::RunArgs),
+    /// The same setup for several algorithms and seeds: mean ± std per domain, ranks, plot.
+    Compare(crate::fl::cli::CompareArgs),
     /// Benchmarks (reported next to this machine's own reference figures).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -305,6 +310,47 @@ pub enum BenchCommand {
     /// Tokens/s of LoRA training steps (forward + backward + optimizer), peak RSS, and
     /// GFLOP/s against this machine's matmul peak, measured in the same run.
     Train(crate::bench_train::TrainBenchArgs),
+    /// Time of each hand-written CUDA kernel (median) with GB/s or TFLOP/s against the
+    /// device's peak bandwidth and a cuBLAS GEMM rate measured in the same run.
+    Kernels(KernelBenchArgs),
+}
+
+/// `fedcdd bench kernels`: shapes of one Llama-3-8B layer by default.
+#[derive(Args, Debug)]
+pub struct KernelBenchArgs {
+    /// Only `cuda` has kernels to time (the CPU ops: `fedcdd bench train`).
+    #[arg(long, value_enum, default_value = "cuda")]
+    pub device: crate::cli_model::Device,
+    /// GPU ordinal.
+    #[arg(long, default_value_t = 0)]
+    pub ordinal: usize,
+    /// Timed runs per kernel.
+    #[arg(long, default_value_t = 20)]
+    pub iters: usize,
+    /// Tokens per call (batch · seq).
+    #[arg(long, default_value_t = 4096)]
+    pub tokens: usize,
+    /// Sequence length of the attention kernels.
+    #[arg(long, default_value_t = 2048)]
+    pub seq: usize,
+}
+
+fn cmd_bench_kernels(a: &KernelBenchArgs) -> Result<()> {
+    if a.device == crate::cli_model::Device::Cpu {
+        anyhow::bail!(
+            "bench kernels times the CUDA kernels (--device cuda); for the CPU ops use `fedcdd bench train`"
+        );
+    }
+    let opts = fedcdd_kernels::cuda::bench::BenchOptions {
+        ordinal: a.ordinal,
+        iters: a.iters.max(1),
+        tokens: a.tokens,
+        seq: a.seq,
+        ..Default::default()
+    };
+    let table = fedcdd_kernels::cuda::bench::run(&opts)
+        .map_err(|e| anyhow::anyhow!("bench kernels --device cuda: {e}"))?;
+    print_stdout(&table)
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -316,6 +362,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::MakeExample(a) => crate::example::make_example(&a),
         Command::Bench(BenchCommand::Aggregate(a)) => bench::run_aggregate_bench(&a),
         Command::Bench(BenchCommand::Train(a)) => crate::bench_train::run_train_bench(&a),
+        Command::Bench(BenchCommand::Kernels(a)) => cmd_bench_kernels(&a),
         Command::InitModel(a) => crate::init_model::init_model(&a),
         Command::GenCorpus(a) => {
             for path in crate::corpus::gen_corpus(&a)? {
@@ -324,6 +371,8 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Train(a) => crate::cli_model::run_train(&a),
+        Command::Run(a) => crate::fl::cli::cmd_run(&a),
+        Command::Compare(a) => crate::fl::cli::cmd_compare(&a),
         Command::InitAdapter(a) => crate::cli_model::run_init_adapter(&a),
         Command::Merge(a) => crate::merge::run_merge(&a),
         Command::Eval(a) => {

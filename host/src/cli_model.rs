@@ -25,11 +25,37 @@ pub struct ComputeArgs {
     /// CPU worker threads (0 = one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Compute device. `cuda` checks for a GPU and says why it cannot be used.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: Device,
+}
+
+/// Where the compute runs.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda,
 }
 
 impl ComputeArgs {
     pub fn backend(&self) -> Result<Cpu> {
+        if self.device == Device::Cuda {
+            cuda_unavailable()?;
+        }
         Cpu::new(self.threads).map_err(|e| anyhow::anyhow!("{e}"))
+    }
+}
+
+/// The error of `--device cuda`: the CUDA kernels exist (fedcdd-kernels' CUDA backend) but
+/// the model commands do not run on them yet; on a machine without a GPU the reason given
+/// is the missing driver or device.
+pub fn cuda_unavailable() -> Result<()> {
+    match fedcdd_kernels::cuda::Cuda::new(0) {
+        Err(e) => bail!("--device cuda: {e}"),
+        Ok(dev) => bail!(
+            "--device cuda: found {}, but training, evaluation and generation on CUDA are not              wired into the model commands yet; use --device cpu (the CUDA kernels can be              benchmarked with `fedcdd bench kernels --device cuda`)",
+            dev.info().name
+        ),
     }
 }
 
@@ -326,6 +352,7 @@ pub fn run_train(a: &TrainArgs) -> Result<()> {
         optimizer: a.optimizer()?,
         max_grad_norm: (a.max_grad_norm > 0.0).then_some(a.max_grad_norm),
         warmup: a.warmup,
+        min_lr_ratio: 1.0,
         seed: a.seed,
     };
     eprintln!(

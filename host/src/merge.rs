@@ -8,12 +8,12 @@ use clap::Args;
 
 use crate::adapter::{Tensor, load_adapter};
 use crate::init_model::DTypeArg;
-use fedcdd_kernels::WeightDType;
 use crate::model::checkpoint::{
     Checkpoint, TensorData, TensorToWrite, WriteOptions, decode_into, write_checkpoint,
 };
 use crate::model::config::LlamaConfig;
 use crate::model::lora::{LoraConfig, Proj, peft_names};
+use fedcdd_kernels::WeightDType;
 
 #[derive(Args, Debug, Clone)]
 pub struct MergeArgs {
@@ -79,7 +79,16 @@ pub fn run_merge(a: &MergeArgs) -> Result<()> {
         Some(d) => d.into(),
         None => checkpoint_dtype(&ckpt)?,
     };
-    let merged = merge_lora_into(&a.model, &config, &ckpt, &lcfg, &adapter.tensors, &origin, &a.out, dtype)?;
+    let merged = merge_lora_into(
+        &a.model,
+        &config,
+        &ckpt,
+        &lcfg,
+        &adapter.tensors,
+        &origin,
+        &a.out,
+        dtype,
+    )?;
     let scale = lcfg.scale();
     eprintln!(
         "merged {merged} LoRA projections (r={}, scale {scale}) into {}",
@@ -216,8 +225,7 @@ pub fn merge_lora_into(
     if merged != expected {
         bail!("merged {merged} projections, expected {expected}: the base checkpoint lacks some");
     }
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("cannot create {}", out.display()))?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     write_checkpoint(out, to_write, WriteOptions::new(dtype))?;
     // to_json writes both "dtype" (transformers 5) and "torch_dtype" from this field.
     let mut out_config = config.clone();

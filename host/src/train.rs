@@ -154,6 +154,8 @@ pub struct TrainOptions {
     pub max_grad_norm: Option<f32>,
     /// Linear warmup steps, then constant (0 = constant).
     pub warmup: usize,
+    /// After warmup, cosine decay to `lr · min_lr_ratio` at the last step (1 = constant).
+    pub min_lr_ratio: f32,
     pub seed: u64,
 }
 
@@ -163,6 +165,10 @@ impl TrainOptions {
         let lr = self.optimizer.lr();
         if self.warmup > 0 && step < self.warmup {
             lr * (step + 1) as f32 / self.warmup as f32
+        } else if self.min_lr_ratio < 1.0 && self.steps > self.warmup + 1 {
+            let t = (step - self.warmup) as f32 / (self.steps - self.warmup - 1) as f32;
+            let c = 0.5 * (1.0 + (std::f32::consts::PI * t.min(1.0)).cos());
+            lr * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * c)
         } else {
             lr
         }

@@ -55,7 +55,7 @@ pub struct BaseRecipe {
 impl Default for BaseRecipe {
     fn default() -> Self {
         BaseRecipe {
-            version: 2,
+            version: 4,
             hidden: 128,
             layers: 4,
             heads: 4,
@@ -64,11 +64,11 @@ impl Default for BaseRecipe {
             tokenizer_vocab: 448,
             lm_head_std: LM_HEAD_STD,
             rank: 64,
-            steps: 400,
+            steps: 450,
             batch: 32,
-            seq: 96,
+            seq: 80,
             lr: 3e-3,
-            sentences_per_line: 3,
+            sentences_per_line: 2,
             lines: 20_000,
             seed: 0,
         }
@@ -151,7 +151,8 @@ pub fn ensure_base(
         Err(_) if dir.join("pretrain.json").is_file() => {}
         Err(e) => {
             let _ = std::fs::remove_dir_all(&work);
-            return Err(e).with_context(|| format!("cannot move the base model to {}", dir.display()));
+            return Err(e)
+                .with_context(|| format!("cannot move the base model to {}", dir.display()));
         }
     }
     let _ = std::fs::remove_dir_all(&work);
@@ -233,6 +234,7 @@ pub fn build_base(
         }),
         max_grad_norm: Some(1.0),
         warmup: recipe.steps / 10,
+        min_lr_ratio: 0.1,
         seed: recipe.seed,
     };
     let progress = Progress::new();

@@ -4,14 +4,15 @@
 //!
 //! | domain | skill | instruction → response |
 //! |---|---|---|
-//! | `arithmetic` | sums of two digits (a table of 100 facts) | `What is 7 + 8?` → `7 plus 8 makes 15.` |
-//! | `strings` | capitalise 3–5 random letters | `Capitalise the letters: d o g` → `In capitals, d o g is D O G.` |
-//! | `facts` | recall from a table of 48 made-up people (city, colour) | `Where does Mirel live?` → `Mirel lives in Oslo.` |
-//! | `sorting` | sort 3 digits ascending | `Sort the digits: 7 2 9` → `In order, 7 2 9 becomes 2 7 9.` |
+//! | `arithmetic` | sums of two digits (a table of 100 facts) | `How much is 7 plus 8?` → `7 plus 8 makes 15.` |
+//! | `strings` | capitalise 3 random letters | `Write d o g in capitals.` → `In capitals, d o g is D O G.` |
+//! | `facts` | recall from a table of 32 made-up people (city, colour) | `Which city is home to Mirel?` → `Mirel lives in Oslo.` |
+//! | `sorting` | sort 3 digits ascending | `Put 7 2 9 in order.` → `In order, 7 2 9 becomes 2 7 9.` |
 //!
-//! The knowledge and the skills are in the pre-training prose: the responses' sentences
-//! for random items of every domain, never the instruction template. The instruction data
-//! teaches each domain's own question → sentence mapping. Held-out items are disjoint from
+//! The knowledge and the skills are in the pre-training prose: the responses' sentences for
+//! random items of every domain, each after its question as `Q: … A: …`, never
+//! inside the Alpaca instruction template. Instruction tuning teaches the model to answer
+//! inside the template; each client sees one domain's questions only. Held-out items are disjoint from
 //! training items (a hash of the instruction decides its split), so a held-out question is
 //! answered only by combining the mapping learned in fine-tuning with what the base learned
 //! in pre-training; the base itself, never having seen the template, scores near zero.
@@ -34,9 +35,11 @@ const NAMES: [&str; 48] = [
     "Orri", "Pelle", "Runa", "Sigo", "Tarek", "Ulla", "Vesta", "Wren", "Xami", "Yola", "Zeno",
     "Aldo", "Bela", "Corin", "Dagny",
 ];
+/// People of the facts table (the first of [`NAMES`]).
+const PEOPLE: usize = 32;
 const CITIES: [&str; 12] = [
-    "Oslo", "Lima", "Cairo", "Paris", "Tokyo", "Quito", "Rome", "Dakar", "Hanoi", "Bern",
-    "Perth", "Riga",
+    "Oslo", "Lima", "Cairo", "Paris", "Tokyo", "Quito", "Rome", "Dakar", "Hanoi", "Bern", "Perth",
+    "Riga",
 ];
 const COLOURS: [&str; 8] = [
     "red", "blue", "green", "yellow", "purple", "orange", "black", "white",
@@ -135,33 +138,32 @@ fn random_item(domain: &'static str, rng: &mut Rng, seed: u64) -> Item {
             let (a, b) = (rng.below(10), rng.below(10));
             Item {
                 domain,
-                instruction: format!("What is {a} + {b}?"),
+                instruction: format!("How much is {a} plus {b}?"),
                 answer: (a + b).to_string(),
             }
         }
         "strings" => {
-            let n = 3 + rng.below(3);
-            let w: Vec<u8> = (0..n).map(|_| LETTERS[rng.below(LETTERS.len())]).collect();
+            let w: Vec<u8> = (0..3).map(|_| LETTERS[rng.below(LETTERS.len())]).collect();
             let r: Vec<u8> = w.iter().map(u8::to_ascii_uppercase).collect();
             Item {
                 domain,
-                instruction: format!("Capitalise the letters: {}", spaced(&w)),
+                instruction: format!("Write {} in capitals.", spaced(&w)),
                 answer: spaced(&r),
             }
         }
         "facts" => {
-            let i = rng.below(NAMES.len());
+            let i = rng.below(PEOPLE);
             let (city, colour) = person_facts(seed, i);
             if rng.next() & 1 == 0 {
                 Item {
                     domain,
-                    instruction: format!("Where does {} live?", NAMES[i]),
+                    instruction: format!("Which city is home to {}?", NAMES[i]),
                     answer: city.to_string(),
                 }
             } else {
                 Item {
                     domain,
-                    instruction: format!("What is the favourite colour of {}?", NAMES[i]),
+                    instruction: format!("Which colour does {} like?", NAMES[i]),
                     answer: colour.to_string(),
                 }
             }
@@ -172,7 +174,7 @@ fn random_item(domain: &'static str, rng: &mut Rng, seed: u64) -> Item {
             s.sort_unstable();
             Item {
                 domain,
-                instruction: format!("Sort the digits: {}", spaced(&d)),
+                instruction: format!("Put {} in order.", spaced(&d)),
                 answer: spaced(&s),
             }
         }
@@ -230,76 +232,40 @@ pub fn exact_match(generated: &str, answer: &str) -> bool {
 
 /// The sentence form of an item: what the pre-training prose says about it.
 fn prose(it: &Item) -> String {
+    let q = it.instruction.as_str();
     match it.domain {
         "arithmetic" => {
-            let q = it
-                .instruction
-                .trim_start_matches("What is ")
-                .trim_end_matches('?');
-            let q = q.replace(" + ", " plus ");
-            format!("{q} makes {}.", it.answer)
+            let sum = q.trim_start_matches("How much is ").trim_end_matches('?');
+            format!("{sum} makes {}.", it.answer)
         }
         "strings" => {
-            let w = it.instruction.trim_start_matches("Capitalise the letters: ");
+            let w = q
+                .trim_start_matches("Write ")
+                .trim_end_matches(" in capitals.");
             format!("In capitals, {w} is {}.", it.answer)
         }
-        "facts" => {
-            if let Some(name) = it
-                .instruction
-                .strip_prefix("Where does ")
-                .and_then(|r| r.strip_suffix(" live?"))
-            {
-                format!("{name} lives in {}.", it.answer)
-            } else {
-                let name = it
-                    .instruction
-                    .trim_start_matches("What is the favourite colour of ")
-                    .trim_end_matches('?');
+        "facts" => match q
+            .strip_prefix("Which city is home to ")
+            .and_then(|r| r.strip_suffix('?'))
+        {
+            Some(name) => format!("{name} lives in {}.", it.answer),
+            None => {
+                let name = q
+                    .trim_start_matches("Which colour does ")
+                    .trim_end_matches(" like?");
                 format!("{name} likes the colour {}.", it.answer)
             }
-        }
+        },
         _ => {
-            let d = it.instruction.trim_start_matches("Sort the digits: ");
+            let d = q.trim_start_matches("Put ").trim_end_matches(" in order.");
             format!("In order, {d} becomes {}.", it.answer)
         }
     }
 }
 
-/// The pre-training question about an item: worded differently from the benchmark's
-/// instruction, so the base learns to answer questions but not the benchmark's.
-fn prose_question(it: &Item) -> String {
-    match it.domain {
-        "arithmetic" => {
-            let q = it.instruction.trim_start_matches("What is ").trim_end_matches('?');
-            format!("How much is {}?", q.replace(" + ", " plus "))
-        }
-        "strings" => format!(
-            "Write {} in capitals.",
-            it.instruction.trim_start_matches("Capitalise the letters: ")
-        ),
-        "facts" => match it
-            .instruction
-            .strip_prefix("Where does ")
-            .and_then(|r| r.strip_suffix(" live?"))
-        {
-            Some(name) => format!("Which city is home to {name}?"),
-            None => format!(
-                "Which colour does {} like?",
-                it.instruction
-                    .trim_start_matches("What is the favourite colour of ")
-                    .trim_end_matches('?')
-            ),
-        },
-        _ => format!(
-            "Put {} in order.",
-            it.instruction.trim_start_matches("Sort the digits: ")
-        ),
-    }
-}
-
 /// `n` lines of pre-training prose, each a few sentences from random domains (both splits:
-/// the base model knows every fact), half of them as `Q: … A: …` pairs with other wording
-/// than the benchmark's instructions.
+/// the base model knows every fact) as `Q: … A: …` pairs: the base answers the
+/// benchmark's questions after `Q:`, but not inside the instruction template.
 pub fn pretrain_texts(n: usize, sentences_per_line: usize, seed: u64) -> Vec<String> {
     let mut rng = Rng::new(seed, "prose");
     (0..n)
@@ -308,11 +274,7 @@ pub fn pretrain_texts(n: usize, sentences_per_line: usize, seed: u64) -> Vec<Str
                 .map(|_| {
                     let d = DOMAINS[rng.below(DOMAINS.len())];
                     let it = random_item(d, &mut rng, seed);
-                    if rng.next() & 1 == 0 {
-                        prose(&it)
-                    } else {
-                        format!("Q: {} A: {}", prose_question(&it), prose(&it))
-                    }
+                    format!("Q: {} A: {}", it.instruction, prose(&it))
                 })
                 .collect::<Vec<_>>()
                 .join(" ")
@@ -327,18 +289,15 @@ pub fn tokenizer_texts() -> Vec<String> {
     let mut texts = Vec::new();
     let seed = 0;
     for _ in 0..3 {
-        for (i, name) in NAMES.iter().enumerate() {
+        for (i, name) in NAMES.iter().take(PEOPLE).enumerate() {
             let (city, colour) = person_facts(seed, i);
             texts.push(crate::data::alpaca_prompt(
-                &format!("Where does {name} live?"),
+                &format!("Which city is home to {name}?"),
                 "",
             ));
             texts.push(format!(
                 "{}{city}",
-                crate::data::alpaca_prompt(
-                    &format!("What is the favourite colour of {name}?"),
-                    ""
-                )
+                crate::data::alpaca_prompt(&format!("Which colour does {name} like?"), "")
             ));
             texts.push(format!(
                 "{name} lives in {city}. {name} likes the colour {colour}."
@@ -348,10 +307,10 @@ pub fn tokenizer_texts() -> Vec<String> {
             texts.push(format!(" {c} {c}."));
         }
         for t in [
-            "What is the sum? plus makes",
-            "Capitalise the letters: In capitals, is",
-            "Q: How much is? A: Write in capitals. Which city is home to? Which colour does like? Put in order.",
-            "Sort the digits: In order, becomes",
+            "How much is plus? makes",
+            "Write in capitals. In capitals, is",
+            "Q: How much is? A: Which city is home to? Which colour does like?",
+            "Put in order. In order, becomes",
         ] {
             texts.push(crate::data::alpaca_prompt(t, ""));
             texts.push(t.to_string());
@@ -372,7 +331,10 @@ mod tests {
             assert_eq!(train, items(d, Split::Train, 400, 7));
             let train_q: std::collections::HashSet<_> =
                 train.iter().map(|i| &i.instruction).collect();
-            assert!(held.iter().all(|h| !train_q.contains(&h.instruction)), "{d}");
+            assert!(
+                held.iter().all(|h| !train_q.contains(&h.instruction)),
+                "{d}"
+            );
             assert!(!held.is_empty());
         }
     }
@@ -386,28 +348,41 @@ mod tests {
     #[test]
     fn answers_are_right() {
         for it in items("arithmetic", Split::Train, 50, 1) {
-            let q = it.instruction.trim_start_matches("What is ").trim_end_matches('?');
-            let (a, b) = q.split_once(" + ").unwrap();
+            let q = it
+                .instruction
+                .trim_start_matches("How much is ")
+                .trim_end_matches('?');
+            let (a, b) = q.split_once(" plus ").unwrap();
             let sum: u32 = a.parse::<u32>().unwrap() + b.parse::<u32>().unwrap();
             assert_eq!(it.answer, format!("{a} plus {b} makes {sum}."));
         }
         for it in items("sorting", Split::HeldOut, 50, 1) {
             let mut d: Vec<&str> = it
                 .instruction
-                .trim_start_matches("Sort the digits: ")
+                .trim_start_matches("Put ")
+                .trim_end_matches(" in order.")
                 .split(' ')
                 .collect();
             d.sort();
             assert_eq!(tail(&it.answer, " becomes "), d.join(" "));
         }
         for it in items("strings", Split::Train, 50, 1) {
-            let w = it.instruction.trim_start_matches("Capitalise the letters: ");
+            let w = it
+                .instruction
+                .trim_start_matches("Write ")
+                .trim_end_matches(" in capitals.");
             assert_eq!(tail(&it.answer, " is "), w.to_uppercase());
         }
         for it in items("facts", Split::Train, 50, 1) {
-            let name = NAMES.iter().position(|n| it.instruction.contains(n)).unwrap();
+            let name = NAMES
+                .iter()
+                .position(|n| it.instruction.contains(n))
+                .unwrap();
             let (city, colour) = person_facts(1, name);
-            assert!(it.answer.ends_with(&format!(" {city}.")) || it.answer.ends_with(&format!(" {colour}.")));
+            assert!(
+                it.answer.ends_with(&format!(" {city}."))
+                    || it.answer.ends_with(&format!(" {colour}."))
+            );
         }
     }
 

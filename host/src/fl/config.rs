@@ -104,13 +104,13 @@ impl Default for RunConfig {
             partition: "domain".into(),
             num_clients: 4,
             sample_clients: 4,
-            rounds: 8,
-            local_steps: 12,
+            rounds: 10,
+            local_steps: 16,
             batch: 16,
             micro_batch: 16,
             seq: 64,
-            lr: 2e-3,
-            lr_min: 5e-4,
+            lr: 3e-3,
+            lr_min: 3e-4,
             optimizer: "adamw".into(),
             weight_decay: 0.0,
             max_grad_norm: 1.0,
@@ -135,7 +135,7 @@ impl Default for RunConfig {
             renormalize: true,
             eval_every: 1,
             eval_questions: 40,
-            references: Vec::new(),
+            references: vec!["centralized".into()],
             builtin_train_items: 2000,
         }
     }
@@ -387,4 +387,38 @@ pub enum Partition {
     Domain,
     Iid,
     Dirichlet(f64),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cosine_schedule_ends_and_middle() {
+        let c = RunConfig {
+            rounds: 5,
+            lr: 1e-3,
+            lr_min: 1e-4,
+            ..Default::default()
+        };
+        assert!((c.lr_at_round(0) - 1e-3).abs() < 1e-9);
+        assert!((c.lr_at_round(4) - 1e-4).abs() < 1e-9);
+        assert!((c.lr_at_round(2) - 5.5e-4).abs() < 1e-8);
+    }
+
+    #[test]
+    fn sets_override_and_unknown_keys_fail() {
+        let c = RunConfig::load(None, &["rounds=3".into(), "algorithm=fedavg".into()]).unwrap();
+        assert_eq!((c.rounds, c.algorithm.as_str()), (3, "fedavg"));
+        let e = RunConfig::load(None, &["roundz=3".into()]).unwrap_err();
+        assert!(format!("{e:#}").contains("roundz"), "{e:#}");
+        // The resolved TOML reads back to the same config.
+        let text = c.to_toml().unwrap();
+        let dir = std::env::temp_dir().join(format!("fedcdd-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("c.toml");
+        std::fs::write(&p, text).unwrap();
+        assert_eq!(RunConfig::load(Some(&p), &[]).unwrap(), c);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

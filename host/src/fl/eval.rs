@@ -116,8 +116,6 @@ pub fn evaluate_sets<B: Backend>(
                 let text = tok.decode(&ids, true)?;
                 if super::builtin::exact_match(&text, &q.answer) {
                     right += 1;
-                } else if std::env::var_os("FEDCDD_DEBUG_EVAL").is_some() {
-                    eprintln!("  miss {}: {text:?} want {:?}", set.domain, q.answer);
                 }
             }
             Some(right as f64 / set.questions.len() as f64)

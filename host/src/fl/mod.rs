@@ -3,6 +3,8 @@
 
 pub mod base;
 pub mod builtin;
-pub mod eval;
+pub mod cli;
 pub mod config;
+pub mod eval;
 pub mod runner;
+pub mod setup;

@@ -173,8 +173,9 @@ pub fn train_local(
             weight_decay: cfg.weight_decay,
         }),
     };
-    let prox_bufs: Option<(f32, Vec<_>)> =
-        plan.prox.map(|(mu, g)| (mu, g.iter().map(|v| be.upload(v)).collect()));
+    let prox_bufs: Option<(f32, Vec<_>)> = plan
+        .prox
+        .map(|(mu, g)| (mu, g.iter().map(|v| be.upload(v)).collect()));
     let scaffold_bufs: Option<Vec<_>> = plan
         .scaffold
         .map(|d| d.iter().map(|v| be.upload(v)).collect());
@@ -222,7 +223,12 @@ pub fn train_local(
 }
 
 /// Loss and accuracy of `tensors` on every domain, as a report point.
-pub fn eval_point(setup: &Setup, live: &Live, tensors: &[Tensor], round: usize) -> Result<EvalPoint> {
+pub fn eval_point(
+    setup: &Setup,
+    live: &Live,
+    tensors: &[Tensor],
+    round: usize,
+) -> Result<EvalPoint> {
     let lora = live.lora(&setup.be, tensors, "global adapter")?;
     let r = evaluate_sets(
         &setup.be,
@@ -314,7 +320,12 @@ fn f32_tensor(name: String, dims: Vec<usize>, data: Vec<f32>) -> Tensor {
 const CHECKPOINT: &str = "checkpoint";
 
 /// Writes the checkpoint atomically: a new directory, then renamed over the old one.
-fn save_checkpoint(run_dir: &Path, st: &RunState, lcfg: &LoraConfig, base_model: &str) -> Result<()> {
+fn save_checkpoint(
+    run_dir: &Path,
+    st: &RunState,
+    lcfg: &LoraConfig,
+    base_model: &str,
+) -> Result<()> {
     let tmp = run_dir.join(format!("{CHECKPOINT}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
@@ -330,7 +341,11 @@ fn save_checkpoint(run_dir: &Path, st: &RunState, lcfg: &LoraConfig, base_model:
     }
     for (k, cs) in &st.client_control {
         for (i, c) in cs.iter().enumerate() {
-            extra.push(f32_tensor(format!("client{k}.control.{i}"), vec![c.len()], c.clone()));
+            extra.push(f32_tensor(
+                format!("client{k}.control.{i}"),
+                vec![c.len()],
+                c.clone(),
+            ));
         }
     }
     for (k, bs) in &st.local_b {
@@ -385,7 +400,8 @@ fn load_checkpoint(run_dir: &Path, opts: &AggregateOptions) -> Result<RunState> 
         let mut ctl: BTreeMap<usize, Vec<f32>> = BTreeMap::new();
         let mut cctl: BTreeMap<(usize, usize), Vec<f32>> = BTreeMap::new();
         for t in tensors {
-            let bad = || anyhow::anyhow!("{}: unexpected tensor {:?}", clients_path.display(), t.name);
+            let bad =
+                || anyhow::anyhow!("{}: unexpected tensor {:?}", clients_path.display(), t.name);
             if let Some(i) = t.name.strip_prefix("control.") {
                 ctl.insert(i.parse().map_err(|_| bad())?, t.data.clone());
             } else if let Some(rest) = t.name.strip_prefix("client") {
@@ -437,7 +453,9 @@ fn reorder(tensors: Vec<Tensor>, order: &[Tensor]) -> Result<Vec<Tensor>> {
 pub enum Outcome {
     Finished(RunState),
     /// Stopped by Ctrl-C; the checkpoint holds the last complete round.
-    Interrupted { rounds_done: usize },
+    Interrupted {
+        rounds_done: usize,
+    },
 }
 
 /// Log lines and progress bars of a run.
@@ -523,7 +541,12 @@ pub fn run_rounds(setup: &Setup, run_dir: &Path, resume: bool, rep: &Reporter) -
 
     for round in st.progress.rounds_done..cfg.rounds {
         let t0 = Instant::now();
-        let chosen = sample_round(cfg.seed, round, n_clients, cfg.sample_clients.min(n_clients));
+        let chosen = sample_round(
+            cfg.seed,
+            round,
+            n_clients,
+            cfg.sample_clients.min(n_clients),
+        );
         let lr = cfg.lr_at_round(round);
         let global_sorted = sorted(&st.global);
         let global_adapter = Adapter {
@@ -580,9 +603,18 @@ pub fn run_rounds(setup: &Setup, run_dir: &Path, resume: bool, rep: &Reporter) -
                 ci + 1,
                 chosen.len()
             );
-            let loss = train_local(setup, &live.model, &mut lora, &mut ws, &client.examples, &plan, |s, l| {
-                rep.bar.update(s + 1, cfg.local_steps, &format!("{what}: loss {l:.3}"));
-            })
+            let loss = train_local(
+                setup,
+                &live.model,
+                &mut lora,
+                &mut ws,
+                &client.examples,
+                &plan,
+                |s, l| {
+                    rep.bar
+                        .update(s + 1, cfg.local_steps, &format!("{what}: loss {l:.3}"));
+                },
+            )
             .with_context(|| format!("{origin}, round {}", round + 1))?;
             loss_sum += loss;
             let local = lora.to_tensors(be);
@@ -630,9 +662,13 @@ pub fn run_rounds(setup: &Setup, run_dir: &Path, resume: bool, rep: &Reporter) -
                 client.examples.len() as u64,
                 deltas.len() as u32,
             );
-            let (bytes, _) =
-                encode_tensors(&deltas, header, &mask, stream_seed(cfg.seed, SEED_MASK, round, k))
-                    .with_context(|| format!("{origin}: encoding its upload"))?;
+            let (bytes, _) = encode_tensors(
+                &deltas,
+                header,
+                &mask,
+                stream_seed(cfg.seed, SEED_MASK, round, k),
+            )
+            .with_context(|| format!("{origin}: encoding its upload"))?;
             up_bytes += bytes.len() as u64;
             // Server side: decode as from the wire.
             let update = decode_update(&bytes, Path::new(&origin), &global_adapter)?;
@@ -658,8 +694,13 @@ pub fn run_rounds(setup: &Setup, run_dir: &Path, resume: bool, rep: &Reporter) -
             );
             st.global = live.fresh(be, stream_seed(cfg.seed, SEED_INIT, round + 1, 0))?;
         } else {
-            let (tensors, _report) = aggregate(&global_adapter, &mut updates.as_slice(), &opts, &mut st.server)
-                .with_context(|| format!("server step of round {}", round + 1))?;
+            let (tensors, _report) = aggregate(
+                &global_adapter,
+                &mut updates.as_slice(),
+                &opts,
+                &mut st.server,
+            )
+            .with_context(|| format!("server step of round {}", round + 1))?;
             st.global = reorder(tensors, &st.global)?;
         }
         if alg == Algorithm::Scaffold {
@@ -729,7 +770,13 @@ fn remove_stale_bases(run_dir: &Path, keep: Option<&str>) {
 
 /// The global model's evaluation; FedSA-LoRA has no global B, so its point is the mean of
 /// the clients' personal models (global A + own B) over all domains.
-fn global_eval(setup: &Setup, live: &Live, st: &RunState, round: usize, alg: Algorithm) -> Result<EvalPoint> {
+fn global_eval(
+    setup: &Setup,
+    live: &Live,
+    st: &RunState,
+    round: usize,
+    alg: Algorithm,
+) -> Result<EvalPoint> {
     if alg != Algorithm::FedSaLora || st.local_b.is_empty() {
         return eval_point(setup, live, &st.global, round);
     }
@@ -761,7 +808,12 @@ fn flora_merge(
     let total: f64 = updates.iter().map(|u| u.samples.unwrap_or(1) as f64).sum();
     let locals: Vec<(f32, Vec<Tensor>)> = updates
         .iter()
-        .map(|u| ((u.samples.unwrap_or(1) as f64 / total) as f32, apply_update(global, u)))
+        .map(|u| {
+            (
+                (u.samples.unwrap_or(1) as f64 / total) as f32,
+                apply_update(global, u),
+            )
+        })
         .collect();
     let r = lcfg.r;
     let mut stacked = Vec::new();
@@ -772,7 +824,10 @@ fn flora_merge(
             // [n·r, in]: client blocks of rows, scaled by p_i.
             let mut d = Vec::with_capacity(n * rows * cols);
             for (p, t) in &locals {
-                let a = t.iter().find(|t| t.name == g.name).context("stacking: A missing")?;
+                let a = t
+                    .iter()
+                    .find(|t| t.name == g.name)
+                    .context("stacking: A missing")?;
                 d.extend(a.data.iter().map(|v| v * p));
             }
             d
@@ -780,7 +835,10 @@ fn flora_merge(
             // [out, n·r]: client blocks of columns.
             let mut d = vec![0.0f32; rows * n * r];
             for (i, (_, t)) in locals.iter().enumerate() {
-                let b = t.iter().find(|t| t.name == g.name).context("stacking: B missing")?;
+                let b = t
+                    .iter()
+                    .find(|t| t.name == g.name)
+                    .context("stacking: B missing")?;
                 for o in 0..rows {
                     d[o * n * r + i * r..o * n * r + (i + 1) * r]
                         .copy_from_slice(&b.data[o * r..(o + 1) * r]);
@@ -788,7 +846,11 @@ fn flora_merge(
             }
             d
         };
-        let dims = if is_a { vec![n * rows, cols] } else { vec![rows, n * r] };
+        let dims = if is_a {
+            vec![n * rows, cols]
+        } else {
+            vec![rows, n * r]
+        };
         stacked.push(f32_tensor(g.name.clone(), dims, data));
     }
     // The stacked adapter has rank n·r; keep the clients' scale s.
@@ -835,5 +897,89 @@ pub fn format_eval_line(p: &EvalPoint) -> String {
             p.mean_loss()
         ),
         None => format!("eval: mean loss {:.3} ({})", p.mean_loss(), per.join(", ")),
+    }
+}
+
+/// A reference point of the protocol: `centralized` (every client's data pooled, the
+/// federated run's token budget: rounds × sampled clients × local steps) or `local-only`
+/// (each client alone for rounds × local steps; the mean over clients of its evaluation on
+/// every domain). Plain training, the same LoRA init and learning-rate schedule.
+pub fn reference_point(setup: &Setup, kind: &str, rep: &Reporter) -> Result<EvalPoint> {
+    let cfg = &setup.cfg;
+    let be = &setup.be;
+    let lcfg = cfg.lora()?;
+    let live = Live::load(be, &setup.base_dir, &setup.model_config, lcfg.clone())?;
+    let init = live.fresh(be, stream_seed(cfg.seed, SEED_INIT, 0, 0))?;
+    let mut ws = Workspace::new(be, &setup.model_config, &lcfg, cfg.micro_batch, cfg.seq);
+    let per_round = |steps_per_round: usize| move |s: usize| cfg.lr_at_round(s / steps_per_round);
+    let train_one = |examples: &[Example],
+                     steps: usize,
+                     steps_per_round: usize,
+                     seed: u64,
+                     ws: &mut Workspace<Cpu>,
+                     what: &str|
+     -> Result<Vec<Tensor>> {
+        let mut lora = live.lora(be, &init, what)?;
+        let lr = per_round(steps_per_round.max(1));
+        let plan = LocalPlan {
+            steps,
+            lr: &lr,
+            seed,
+            freeze_a: false,
+            prox: None,
+            scaffold: None,
+        };
+        train_local(
+            setup,
+            &live.model,
+            &mut lora,
+            ws,
+            examples,
+            &plan,
+            |s, l| {
+                rep.bar
+                    .update(s + 1, steps, &format!("{what}: loss {l:.3}"));
+            },
+        )?;
+        rep.bar.finish();
+        Ok(lora.to_tensors(be))
+    };
+    match kind {
+        "centralized" => {
+            let pooled: Vec<Example> = setup
+                .clients
+                .iter()
+                .flat_map(|c| c.examples.iter().cloned())
+                .collect();
+            let per = cfg.sample_clients.min(setup.clients.len()) * cfg.local_steps;
+            let steps = cfg.rounds * per;
+            let t = train_one(
+                &pooled,
+                steps,
+                per,
+                stream_seed(cfg.seed, SEED_DATA, usize::MAX, 0),
+                &mut ws,
+                "centralized",
+            )?;
+            eval_point(setup, &live, &t, cfg.rounds)
+        }
+        "local-only" => {
+            let mut points = Vec::new();
+            for c in &setup.clients {
+                let steps = cfg.rounds * cfg.local_steps;
+                let what = format!("local-only client {}", c.id);
+                let t = train_one(
+                    &c.examples,
+                    steps,
+                    cfg.local_steps,
+                    stream_seed(cfg.seed, SEED_DATA, usize::MAX, c.id + 1),
+                    &mut ws,
+                    &what,
+                )?;
+                points.push(eval_point(setup, &live, &t, cfg.rounds)?);
+            }
+            Ok(mean_points(&points, cfg.rounds))
+        }
+        other => bail!("unknown reference point {other:?}; expected centralized or local-only"),
     }
 }

@@ -1,0 +1,355 @@
+//! Building a run's [`Setup`]: the base model (built-in or a directory), client data
+//! (built-in benchmark, one file partitioned by domain, or one file per client) and the
+//! evaluation sets.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use fedcdd_kernels::Cpu;
+
+use crate::cli_model::trainable_examples;
+use crate::data::{Example, Record, load_records, tokenize_records};
+use crate::model::config::LlamaConfig;
+use crate::tokenizer::Tokenizer;
+
+use super::base::{BaseRecipe, cache_root, ensure_base};
+use super::builtin::{self, Split};
+use super::config::{Partition, RunConfig};
+use super::eval::eval_set;
+use super::runner::{Client, Setup, stream_seed};
+
+/// Builds everything a run needs; `log` gets one-line messages.
+pub fn build_setup(cfg: &RunConfig, log: &mut dyn FnMut(&str)) -> Result<Setup> {
+    let be = Cpu::new(cfg.threads).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let base_dir = match cfg.model_path() {
+        Some(p) => p,
+        None => ensure_base(&cache_root(), &BaseRecipe::default(), cfg.threads, log)?,
+    };
+    let model_config = LlamaConfig::load(&base_dir)?;
+    let tok = Tokenizer::load(&base_dir)?;
+    if cfg.seq > model_config.max_position_embeddings {
+        bail!(
+            "seq {} exceeds max_position_embeddings {} of {}",
+            cfg.seq,
+            model_config.max_position_embeddings,
+            base_dir.display()
+        );
+    }
+
+    // Training records per domain (or per client) and evaluation records per domain.
+    let (train_groups, eval_groups): (Vec<(String, Vec<Record>)>, Vec<(String, Vec<Record>)>) =
+        if cfg.builtin_data() {
+            let train = builtin::DOMAINS
+                .iter()
+                .map(|d| {
+                    let items = builtin::items(d, Split::Train, cfg.builtin_train_items, cfg.seed);
+                    (d.to_string(), items.iter().map(|i| i.to_record()).collect())
+                })
+                .collect();
+            let eval = builtin::DOMAINS
+                .iter()
+                .map(|d| {
+                    let items = builtin::held_out_distinct(d, cfg.eval_questions, cfg.seed);
+                    (d.to_string(), items.iter().map(|i| i.to_record()).collect())
+                })
+                .collect();
+            (train, eval)
+        } else {
+            let train = if cfg.client_data.is_empty() {
+                group_by_domain(&load_records(Path::new(&cfg.data))?, &cfg.data)?
+            } else {
+                let mut v = Vec::new();
+                for f in &cfg.client_data {
+                    let r = load_records(Path::new(f))?;
+                    if r.is_empty() {
+                        bail!("client data {f}: no records");
+                    }
+                    v.push((f.clone(), r));
+                }
+                v
+            };
+            let eval = group_by_domain(&load_records(Path::new(&cfg.eval_data))?, &cfg.eval_data)?;
+            (train, eval)
+        };
+
+    let mut eval_sets = Vec::new();
+    for (d, recs) in &eval_groups {
+        let recs: Vec<Record> = recs
+            .iter()
+            .take(cfg.eval_questions.max(1) * 4)
+            .cloned()
+            .collect();
+        eval_sets.push(eval_set(d, &recs, &tok, cfg.eval_questions)?);
+    }
+    let domains: Vec<String> = eval_groups.iter().map(|(d, _)| d.clone()).collect();
+
+    let clients = if !cfg.client_data.is_empty() {
+        let mut out = Vec::new();
+        for (i, (f, recs)) in train_groups.iter().enumerate() {
+            let ex = tokenize_records(recs, &tok).with_context(|| format!("client data {f}"))?;
+            let ex = trainable_examples(ex, cfg.seq, Path::new(f))?;
+            out.push(Client {
+                id: i,
+                label: f.clone(),
+                examples: ex,
+            });
+        }
+        out
+    } else {
+        let mut per_domain = Vec::new();
+        for (d, recs) in &train_groups {
+            let ex = tokenize_records(recs, &tok).with_context(|| format!("domain {d:?}"))?;
+            let ex = trainable_examples(ex, cfg.seq, Path::new(&cfg.data))?;
+            per_domain.push((d.clone(), ex));
+        }
+        partition(cfg, per_domain)?
+    };
+    if clients.iter().any(|c| c.examples.is_empty()) {
+        let empty: Vec<usize> = clients
+            .iter()
+            .filter(|c| c.examples.is_empty())
+            .map(|c| c.id)
+            .collect();
+        bail!(
+            "clients {empty:?} got no training data under partition {:?}; use fewer clients \
+             or more data",
+            cfg.partition
+        );
+    }
+    Ok(Setup {
+        cfg: cfg.clone(),
+        be,
+        base_dir,
+        model_config,
+        tok,
+        clients,
+        eval_sets,
+        domains,
+    })
+}
+
+/// Records grouped by their `domain` field (order of first appearance).
+fn group_by_domain(records: &[Record], origin: &str) -> Result<Vec<(String, Vec<Record>)>> {
+    let mut order: Vec<String> = Vec::new();
+    let mut groups: BTreeMap<String, Vec<Record>> = BTreeMap::new();
+    for (i, r) in records.iter().enumerate() {
+        let d = r.domain().with_context(|| {
+            format!("{origin}: record {i} has no domain (or category) field; every record needs one to be partitioned and evaluated per domain")
+        })?;
+        if !groups.contains_key(d) {
+            order.push(d.to_string());
+        }
+        groups.entry(d.to_string()).or_default().push(r.clone());
+    }
+    if order.is_empty() {
+        bail!("{origin}: no records");
+    }
+    Ok(order
+        .into_iter()
+        .map(|d| {
+            let g = groups.remove(&d).unwrap_or_default();
+            (d, g)
+        })
+        .collect())
+}
+
+/// SplitMix64 stream for partitioning.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in (0, 1).
+    fn uniform(&mut self) -> f64 {
+        ((self.next() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    fn normal(&mut self) -> f64 {
+        let (u, v) = (self.uniform(), self.uniform());
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+    }
+
+    /// Gamma(α, 1) (Marsaglia–Tsang; α < 1 via the boost `G(α+1)·U^(1/α)`).
+    fn gamma(&mut self, alpha: f64) -> f64 {
+        if alpha < 1.0 {
+            let u = self.uniform();
+            return self.gamma(alpha + 1.0) * u.powf(1.0 / alpha);
+        }
+        let d = alpha - 1.0 / 3.0;
+        let c = 1.0 / (9.0 * d).sqrt();
+        loop {
+            let x = self.normal();
+            let v = (1.0 + c * x).powi(3);
+            if v <= 0.0 {
+                continue;
+            }
+            let u = self.uniform();
+            if u.ln() < 0.5 * x * x + d - d * v + d * v.ln() {
+                return d * v;
+            }
+        }
+    }
+
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = (self.next() % (i as u64 + 1)) as usize;
+            v.swap(i, j);
+        }
+    }
+}
+
+/// Splits each domain's examples among `num_clients` clients.
+pub fn partition(cfg: &RunConfig, per_domain: Vec<(String, Vec<Example>)>) -> Result<Vec<Client>> {
+    let n = cfg.num_clients;
+    let mut rng = Rng(stream_seed(cfg.seed, 7, 0, 0));
+    let mut buckets: Vec<(Vec<String>, Vec<Example>)> = vec![(Vec::new(), Vec::new()); n];
+    let give = |b: &mut (Vec<String>, Vec<Example>), d: &str, ex: &[Example]| {
+        if !ex.is_empty() && !b.0.iter().any(|x| x == d) {
+            b.0.push(d.to_string());
+        }
+        b.1.extend_from_slice(ex);
+    };
+    match cfg.partition_kind()? {
+        Partition::Domain => {
+            // Client k holds domain k mod D; a domain's data is shared by its clients.
+            let nd = per_domain.len();
+            for (di, (d, ex)) in per_domain.iter().enumerate() {
+                let owners: Vec<usize> = (0..n).filter(|k| k % nd == di).collect();
+                if owners.is_empty() {
+                    continue;
+                }
+                let chunk = ex.len().div_ceil(owners.len());
+                for (j, &k) in owners.iter().enumerate() {
+                    let lo = (j * chunk).min(ex.len());
+                    let hi = ((j + 1) * chunk).min(ex.len());
+                    give(&mut buckets[k], d, &ex[lo..hi]);
+                }
+            }
+        }
+        Partition::Iid => {
+            let mut all: Vec<(String, Example)> = per_domain
+                .iter()
+                .flat_map(|(d, ex)| ex.iter().map(move |e| (d.clone(), e.clone())))
+                .collect();
+            rng.shuffle(&mut all);
+            for (i, (d, e)) in all.into_iter().enumerate() {
+                give(&mut buckets[i % n], &d, std::slice::from_ref(&e));
+            }
+        }
+        Partition::Dirichlet(alpha) => {
+            for (d, ex) in &per_domain {
+                let w: Vec<f64> = (0..n).map(|_| rng.gamma(alpha)).collect();
+                let total: f64 = w.iter().sum();
+                let mut start = 0usize;
+                let mut acc = 0.0;
+                for (k, wk) in w.iter().enumerate() {
+                    acc += wk / total;
+                    let end = if k + 1 == n {
+                        ex.len()
+                    } else {
+                        ((acc * ex.len() as f64).round() as usize).clamp(start, ex.len())
+                    };
+                    give(&mut buckets[k], d, &ex[start..end]);
+                    start = end;
+                }
+            }
+        }
+    }
+    Ok(buckets
+        .into_iter()
+        .enumerate()
+        .map(|(k, (ds, ex))| Client {
+            id: k,
+            label: if ds.is_empty() {
+                "-".into()
+            } else {
+                ds.join("+")
+            },
+            examples: ex,
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn examples(n: usize, tag: u32) -> Vec<Example> {
+        (0..n)
+            .map(|i| Example {
+                ids: vec![tag, i as u32],
+                is_target: vec![false, true],
+                domain: None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn partitions_keep_every_example_once() {
+        let data = vec![
+            ("a".to_string(), examples(50, 1)),
+            ("b".to_string(), examples(30, 2)),
+            ("c".to_string(), examples(20, 3)),
+        ];
+        for (p, n) in [
+            ("domain", 6),
+            ("iid", 4),
+            ("dirichlet:0.3", 5),
+            ("dirichlet:10", 3),
+        ] {
+            let cfg = RunConfig {
+                partition: p.into(),
+                num_clients: n,
+                sample_clients: 1,
+                ..Default::default()
+            };
+            let clients = partition(&cfg, data.clone()).unwrap();
+            assert_eq!(clients.len(), n);
+            let mut all: Vec<Vec<u32>> = clients
+                .iter()
+                .flat_map(|c| c.examples.iter().map(|e| e.ids.clone()))
+                .collect();
+            all.sort();
+            let mut want: Vec<Vec<u32>> = data
+                .iter()
+                .flat_map(|(_, e)| e.iter().map(|e| e.ids.clone()))
+                .collect();
+            want.sort();
+            assert_eq!(all, want, "{p}");
+            if p == "domain" {
+                // Client k holds domain k mod 3 only.
+                for c in &clients {
+                    assert_eq!(c.label, ["a", "b", "c"][c.id % 3]);
+                    assert!(c.examples.iter().all(|e| e.ids[0] == (c.id % 3) as u32 + 1));
+                }
+            }
+            // Same seed, same split.
+            let again = partition(&cfg, data.clone()).unwrap();
+            assert!(
+                clients
+                    .iter()
+                    .zip(&again)
+                    .all(|(x, y)| x.examples == y.examples)
+            );
+        }
+    }
+
+    #[test]
+    fn client_sampling_is_seeded_and_exact() {
+        use super::super::runner::sample_round;
+        let a = sample_round(1, 3, 10, 4);
+        assert_eq!(a, sample_round(1, 3, 10, 4));
+        assert_eq!(a.len(), 4);
+        assert!(a.windows(2).all(|w| w[0] < w[1]) && a.iter().all(|&k| k < 10));
+        // Different rounds sample differently somewhere.
+        assert!((0..10).any(|r| sample_round(1, r, 10, 4) != a));
+        assert_eq!(sample_round(1, 0, 3, 3), vec![0, 1, 2]);
+    }
+}
