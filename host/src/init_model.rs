@@ -429,9 +429,11 @@ fn build_model_with_progress(
     })
 }
 
-/// Writes a randomly initialised model (HF init, see the module docs) with `config` (its
-/// `torch_dtype` should name `dtype`; `init_std` gives each tensor's standard deviation) and the tokenizer `tok_json` into `out`: weights,
-/// config.json, generation_config.json and the tokenizer files. Returns the files written.
+/// Writes a randomly initialised model (HF init, see the module docs) into `out`: weights
+/// (`init_std` gives each tensor's standard deviation; `config.torch_dtype` should name
+/// `dtype`), config.json, generation_config.json and the tokenizer `tok_json`'s files.
+/// Returns the files written.
+#[allow(clippy::too_many_arguments)]
 pub fn write_model_dir(
     out: &Path,
     config: &LlamaConfig,

@@ -145,13 +145,44 @@ fn killed_and_resumed_run_equals_uninterrupted_run() {
     let out = fedcdd(["run", "--resume", &s(&cut), "--quiet"]).ok();
     assert!(out.stdout.contains("global (round 4)"), "{out}");
 
+    // Ctrl-C (SIGINT): stops after the current client with status 130, then resumes.
+    let int = dir.join("int");
+    let child = Command::new(fedcdd_bin())
+        .args(["run", &s(&cfg), "--out", &s(&int), "--quiet"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start fedcdd");
+    let t0 = Instant::now();
+    while rounds_done(&int) < 1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(300),
+            "no checkpoint after 300 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let signalled = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .is_ok_and(|st| st.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if signalled && rounds_done(&int) < 4 {
+        assert_eq!(out.status.code(), Some(130), "{stderr}");
+        assert!(stderr.contains("--resume"), "{stderr}");
+    }
+    fedcdd(["run", "--resume", &s(&int), "--quiet"]).ok();
+
     let a = fs::read(full.join("adapter/adapter_model.safetensors")).unwrap();
-    let b = fs::read(cut.join("adapter/adapter_model.safetensors")).unwrap();
-    assert!(
-        a == b,
-        "the resumed run's final adapter differs from the uninterrupted run's"
-    );
-    assert_eq!(eval_lines(&full), eval_lines(&cut));
+    for other in [&cut, &int] {
+        let b = fs::read(other.join("adapter/adapter_model.safetensors")).unwrap();
+        assert!(
+            a == b,
+            "{}: the resumed run's final adapter differs from the uninterrupted run's",
+            other.display()
+        );
+        assert_eq!(eval_lines(&full), eval_lines(other));
+    }
     // And training really changed the adapter (B starts at zero).
     let (tensors, _) =
         fedcdd_host::adapter::read_safetensors(&full.join("adapter/adapter_model.safetensors"))

@@ -37,11 +37,13 @@ pub struct RunArgs {
     /// Override one key: `--set rounds=4 --set algorithm=fedavg`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
+    #[command(flatten)]
+    pub shortcuts: Shortcuts,
     /// Run directory [default: runs/<algorithm>-s<seed>, numbered if taken].
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Continue the run in this directory from its last complete round (its own config).
-    #[arg(long, conflicts_with_all = ["config", "sets", "out"])]
+    #[arg(long, conflicts_with_all = ["config", "sets", "out", "model", "data", "eval_data", "algorithm", "rounds", "seed"])]
     pub resume: Option<PathBuf>,
     /// Only errors and the final table.
     #[arg(long)]
@@ -57,6 +59,8 @@ pub struct CompareArgs {
     pub config: Option<PathBuf>,
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
+    #[command(flatten)]
+    pub shortcuts: Shortcuts,
     /// Algorithms to run, comma-separated.
     #[arg(
         long,
@@ -72,6 +76,54 @@ pub struct CompareArgs {
     pub out: PathBuf,
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// Shortcuts for the most used keys (the same as `--set model=...` etc.).
+#[derive(Args, Debug, Clone, Default)]
+pub struct Shortcuts {
+    /// HF LLaMA model directory (key `model`; default: the built-in base model).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Training records with a domain field, partitioned among clients (key `data`).
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Held-out records with a domain field (key `eval_data`).
+    #[arg(long)]
+    pub eval_data: Option<String>,
+    /// Key `algorithm`.
+    #[arg(long)]
+    pub algorithm: Option<String>,
+    /// Key `rounds`.
+    #[arg(long)]
+    pub rounds: Option<usize>,
+    /// Key `seed`.
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+impl Shortcuts {
+    /// The shortcuts as `--set` values (after the explicit ones, so they win).
+    fn sets(&self, explicit: &[String]) -> Vec<String> {
+        let q = |v: &str| toml::Value::String(v.to_string()).to_string();
+        let mut out = explicit.to_vec();
+        for (k, v) in [
+            ("model", &self.model),
+            ("data", &self.data),
+            ("eval_data", &self.eval_data),
+            ("algorithm", &self.algorithm),
+        ] {
+            if let Some(v) = v {
+                out.push(format!("{k}={}", q(v)));
+            }
+        }
+        if let Some(r) = self.rounds {
+            out.push(format!("rounds={r}"));
+        }
+        if let Some(s) = self.seed {
+            out.push(format!("seed={s}"));
+        }
+        out
+    }
 }
 
 fn install_ctrl_c() {
@@ -135,7 +187,7 @@ pub fn run_one(
         run_dir.display()
     ));
     let st = match run_rounds(&setup, run_dir, resume, rep)? {
-        Outcome::Finished(st) => st,
+        Outcome::Finished(st) => *st,
         Outcome::Interrupted { rounds_done } => {
             eprintln!(
                 "interrupted: the checkpoint holds {rounds_done} complete rounds; continue with\n  fedcdd run --resume {}",
@@ -212,7 +264,7 @@ pub fn cmd_run(a: &RunArgs) -> Result<()> {
             (RunConfig::load(Some(&path), &[])?, dir.clone(), true)
         }
         None => {
-            let cfg = RunConfig::load(a.config.as_deref(), &a.sets)?;
+            let cfg = RunConfig::load(a.config.as_deref(), &a.shortcuts.sets(&a.sets))?;
             let dir = a.out.clone().unwrap_or_else(|| default_run_dir(&cfg));
             if dir.join("checkpoint").exists() {
                 bail!(
@@ -232,7 +284,7 @@ pub fn cmd_run(a: &RunArgs) -> Result<()> {
 pub fn cmd_compare(a: &CompareArgs) -> Result<()> {
     install_ctrl_c();
     let rep = reporter(a.quiet);
-    let base = RunConfig::load(a.config.as_deref(), &a.sets)?;
+    let base = RunConfig::load(a.config.as_deref(), &a.shortcuts.sets(&a.sets))?;
     if a.seeds == 0 {
         bail!("--seeds must be at least 1");
     }

@@ -451,7 +451,7 @@ fn reorder(tensors: Vec<Tensor>, order: &[Tensor]) -> Result<Vec<Tensor>> {
 
 /// How a run ended.
 pub enum Outcome {
-    Finished(RunState),
+    Finished(Box<RunState>),
     /// Stopped by Ctrl-C; the checkpoint holds the last complete round.
     Interrupted {
         rounds_done: usize,
@@ -754,7 +754,7 @@ pub fn run_rounds(setup: &Setup, run_dir: &Path, resume: bool, rep: &Reporter) -
             remove_stale_bases(run_dir, st.progress.base.as_deref());
         }
     }
-    Ok(Outcome::Finished(st))
+    Ok(Outcome::Finished(Box::new(st)))
 }
 
 fn remove_stale_bases(run_dir: &Path, keep: Option<&str>) {

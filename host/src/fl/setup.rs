@@ -19,6 +19,9 @@ use super::config::{Partition, RunConfig};
 use super::eval::eval_set;
 use super::runner::{Client, Setup, stream_seed};
 
+/// Records of one domain (or one client's file).
+type Group = (String, Vec<Record>);
+
 /// Builds everything a run needs; `log` gets one-line messages.
 pub fn build_setup(cfg: &RunConfig, log: &mut dyn FnMut(&str)) -> Result<Setup> {
     let be = Cpu::new(cfg.threads).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -38,7 +41,7 @@ pub fn build_setup(cfg: &RunConfig, log: &mut dyn FnMut(&str)) -> Result<Setup> 
     }
 
     // Training records per domain (or per client) and evaluation records per domain.
-    let (train_groups, eval_groups): (Vec<(String, Vec<Record>)>, Vec<(String, Vec<Record>)>) =
+    let (train_groups, eval_groups): (Vec<Group>, Vec<Group>) =
         if cfg.builtin_data() {
             let train = builtin::DOMAINS
                 .iter()
@@ -130,7 +133,7 @@ pub fn build_setup(cfg: &RunConfig, log: &mut dyn FnMut(&str)) -> Result<Setup> 
 }
 
 /// Records grouped by their `domain` field (order of first appearance).
-fn group_by_domain(records: &[Record], origin: &str) -> Result<Vec<(String, Vec<Record>)>> {
+fn group_by_domain(records: &[Record], origin: &str) -> Result<Vec<Group>> {
     let mut order: Vec<String> = Vec::new();
     let mut groups: BTreeMap<String, Vec<Record>> = BTreeMap::new();
     for (i, r) in records.iter().enumerate() {
