@@ -55,7 +55,7 @@ pub struct BaseRecipe {
 impl Default for BaseRecipe {
     fn default() -> Self {
         BaseRecipe {
-            version: 4,
+            version: 6,
             hidden: 128,
             layers: 4,
             heads: 4,
@@ -64,7 +64,7 @@ impl Default for BaseRecipe {
             tokenizer_vocab: 448,
             lm_head_std: LM_HEAD_STD,
             rank: 64,
-            steps: 450,
+            steps: 600,
             batch: 32,
             seq: 80,
             lr: 3e-3,

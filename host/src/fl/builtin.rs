@@ -6,16 +6,17 @@
 //! |---|---|---|
 //! | `arithmetic` | sums of two digits (a table of 100 facts) | `How much is 7 plus 8?` → `7 plus 8 makes 15.` |
 //! | `strings` | capitalise 3 random letters | `Write d o g in capitals.` → `In capitals, d o g is D O G.` |
-//! | `facts` | recall from a table of 32 made-up people (city, colour) | `Which city is home to Mirel?` → `Mirel lives in Oslo.` |
+//! | `facts` | recall from a table of 24 made-up people (city, colour) | `Which city is home to Mirel?` → `Mirel lives in Oslo.`; held out: `Where does Mirel live?` |
 //! | `sorting` | sort 3 digits ascending | `Put 7 2 9 in order.` → `In order, 7 2 9 becomes 2 7 9.` |
 //!
-//! The knowledge and the skills are in the pre-training prose: the responses' sentences for
-//! random items of every domain, each after its question as `Q: … A: …`, never
-//! inside the Alpaca instruction template. Instruction tuning teaches the model to answer
-//! inside the template; each client sees one domain's questions only. Held-out items are disjoint from
-//! training items (a hash of the instruction decides its split), so a held-out question is
-//! answered only by combining the mapping learned in fine-tuning with what the base learned
-//! in pre-training; the base itself, never having seen the template, scores near zero.
+//! The base model is pre-trained on question/answer prose for random items of every domain
+//! (every fact of the table, random letters and digits), each in one of four formats
+//! (`Q: … A: …`, `User: … Assistant: …`, ...), never inside the Alpaca instruction
+//! template. Instruction tuning teaches the model to answer inside the template; each
+//! client sees one domain's questions only. Held-out items are disjoint from training items:
+//! a hash of the instruction decides the split of arithmetic, strings and sorting; the facts
+//! table is fixed, so its held-out questions ask about the same facts in other words. The
+//! base itself, never having seen the template, scores near zero.
 //! Scoring is exact match of the whole response sentence.
 //!
 //! Everything is a pure function of the seed (SplitMix64 streams).
@@ -36,7 +37,7 @@ const NAMES: [&str; 48] = [
     "Aldo", "Bela", "Corin", "Dagny",
 ];
 /// People of the facts table (the first of [`NAMES`]).
-const PEOPLE: usize = 32;
+const PEOPLE: usize = 24;
 const CITIES: [&str; 12] = [
     "Oslo", "Lima", "Cairo", "Paris", "Tokyo", "Quito", "Rome", "Dakar", "Hanoi", "Bern", "Perth",
     "Riga",
@@ -131,55 +132,88 @@ fn spaced(chars: &[u8]) -> String {
     s
 }
 
-/// A random item of `domain` (any split), with the raw material the prose needs.
-fn random_item(domain: &'static str, rng: &mut Rng, seed: u64) -> Item {
+/// How a facts question is worded: training and held-out questions use different wordings
+/// of the same table; the pre-training prose uses both.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wording {
+    Train,
+    HeldOut,
+    Either,
+}
+
+/// A random item of `domain`; the answer is the whole response sentence.
+fn random_item(domain: &'static str, rng: &mut Rng, seed: u64, wording: Wording) -> Item {
+    let item = |instruction: String, answer: String| Item {
+        domain,
+        instruction,
+        answer,
+    };
     match domain {
         "arithmetic" => {
             let (a, b) = (rng.below(10), rng.below(10));
-            Item {
-                domain,
-                instruction: format!("How much is {a} plus {b}?"),
-                answer: (a + b).to_string(),
-            }
+            item(
+                format!("How much is {a} plus {b}?"),
+                format!("{a} plus {b} makes {}.", a + b),
+            )
         }
         "strings" => {
             let w: Vec<u8> = (0..3).map(|_| LETTERS[rng.below(LETTERS.len())]).collect();
-            let r: Vec<u8> = w.iter().map(u8::to_ascii_uppercase).collect();
-            Item {
-                domain,
-                instruction: format!("Write {} in capitals.", spaced(&w)),
-                answer: spaced(&r),
-            }
+            let up: Vec<u8> = w.iter().map(u8::to_ascii_uppercase).collect();
+            let (w, up) = (spaced(&w), spaced(&up));
+            item(
+                format!("Write {w} in capitals."),
+                format!("In capitals, {w} is {up}."),
+            )
         }
         "facts" => {
             let i = rng.below(PEOPLE);
+            let name = NAMES[i];
             let (city, colour) = person_facts(seed, i);
+            let held_out = match wording {
+                Wording::Train => false,
+                Wording::HeldOut => true,
+                Wording::Either => rng.next() & 1 == 1,
+            };
             if rng.next() & 1 == 0 {
-                Item {
-                    domain,
-                    instruction: format!("Which city is home to {}?", NAMES[i]),
-                    answer: city.to_string(),
-                }
+                let q = if held_out {
+                    format!("Where does {name} live?")
+                } else {
+                    format!("Which city is home to {name}?")
+                };
+                item(q, format!("{name} lives in {city}."))
             } else {
-                Item {
-                    domain,
-                    instruction: format!("Which colour does {} like?", NAMES[i]),
-                    answer: colour.to_string(),
-                }
+                let q = if held_out {
+                    format!("What is the favourite colour of {name}?")
+                } else {
+                    format!("Which colour does {name} like?")
+                };
+                item(q, format!("{name} likes the colour {colour}."))
             }
         }
         _ => {
             let d: Vec<u8> = (0..3).map(|_| b'0' + rng.below(10) as u8).collect();
-            let mut s = d.clone();
-            s.sort_unstable();
-            Item {
-                domain,
-                instruction: format!("Put {} in order.", spaced(&d)),
-                answer: spaced(&s),
-            }
+            let mut sorted = d.clone();
+            sorted.sort_unstable();
+            let (d, sorted) = (spaced(&d), spaced(&sorted));
+            item(
+                format!("Put {d} in order."),
+                format!("In order, {d} becomes {sorted}."),
+            )
         }
     }
 }
+
+/// Domains of the pre-training sentences, drawn uniformly from this list.
+const PRETRAIN_MIX: [&str; 5] = ["arithmetic", "strings", "facts", "facts", "sorting"];
+
+/// Question/answer markers of the pre-training prose. Several formats teach the base that
+/// answering does not depend on one wrapper (none of them is the Alpaca template).
+const WRAPPERS: [(&str, &str); 4] = [
+    ("Q: ", "A: "),
+    ("Question: ", "Answer: "),
+    ("User: ", "Assistant: "),
+    ("Input: ", "Output: "),
+];
 
 /// The canonical `&'static` name of a built-in domain.
 pub fn domain_name(domain: &str) -> Option<&'static str> {
@@ -196,11 +230,21 @@ pub fn items(domain: &str, split: Split, n: usize, seed: u64) -> Vec<Item> {
     let mut rng = Rng::new(seed, &stream);
     let mut out = Vec::with_capacity(n);
     // Each split holds about 1/5 or 4/5 of the items: rejection terminates quickly.
+    let held_out = split == Split::HeldOut;
     while out.len() < n {
-        let it = random_item(domain, &mut rng, seed);
-        if is_held_out(seed, &it.instruction) == (split == Split::HeldOut) {
-            let answer = prose(&it);
-            out.push(Item { answer, ..it });
+        if domain == "facts" {
+            // The table is fixed: held-out questions ask about the same facts in other words.
+            let wording = if held_out {
+                Wording::HeldOut
+            } else {
+                Wording::Train
+            };
+            out.push(random_item(domain, &mut rng, seed, wording));
+            continue;
+        }
+        let it = random_item(domain, &mut rng, seed, Wording::Either);
+        if is_held_out(seed, &it.instruction) == held_out {
+            out.push(it);
         }
     }
     out
@@ -230,51 +274,20 @@ pub fn exact_match(generated: &str, answer: &str) -> bool {
     norm(generated) == norm(answer)
 }
 
-/// The sentence form of an item: what the pre-training prose says about it.
-fn prose(it: &Item) -> String {
-    let q = it.instruction.as_str();
-    match it.domain {
-        "arithmetic" => {
-            let sum = q.trim_start_matches("How much is ").trim_end_matches('?');
-            format!("{sum} makes {}.", it.answer)
-        }
-        "strings" => {
-            let w = q
-                .trim_start_matches("Write ")
-                .trim_end_matches(" in capitals.");
-            format!("In capitals, {w} is {}.", it.answer)
-        }
-        "facts" => match q
-            .strip_prefix("Which city is home to ")
-            .and_then(|r| r.strip_suffix('?'))
-        {
-            Some(name) => format!("{name} lives in {}.", it.answer),
-            None => {
-                let name = q
-                    .trim_start_matches("Which colour does ")
-                    .trim_end_matches(" like?");
-                format!("{name} likes the colour {}.", it.answer)
-            }
-        },
-        _ => {
-            let d = q.trim_start_matches("Put ").trim_end_matches(" in order.");
-            format!("In order, {d} becomes {}.", it.answer)
-        }
-    }
-}
-
 /// `n` lines of pre-training prose, each a few sentences from random domains (both splits:
-/// the base model knows every fact) as `Q: … A: …` pairs: the base answers the
-/// benchmark's questions after `Q:`, but not inside the instruction template.
+/// the base model knows every fact) as question/answer pairs in the [`WRAPPERS`] formats:
+/// the base answers the benchmark's questions there, but not inside the Alpaca template.
 pub fn pretrain_texts(n: usize, sentences_per_line: usize, seed: u64) -> Vec<String> {
     let mut rng = Rng::new(seed, "prose");
     (0..n)
         .map(|_| {
             (0..sentences_per_line)
                 .map(|_| {
-                    let d = DOMAINS[rng.below(DOMAINS.len())];
-                    let it = random_item(d, &mut rng, seed);
-                    format!("Q: {} A: {}", it.instruction, prose(&it))
+                    // Facts are memorised, so they get two shares of the prose.
+                    let d = PRETRAIN_MIX[rng.below(PRETRAIN_MIX.len())];
+                    let it = random_item(d, &mut rng, seed, Wording::Either);
+                    let (q, a) = WRAPPERS[rng.below(WRAPPERS.len())];
+                    format!("{q}{} {a}{}", it.instruction, it.answer)
                 })
                 .collect::<Vec<_>>()
                 .join(" ")
@@ -300,7 +313,8 @@ pub fn tokenizer_texts() -> Vec<String> {
                 crate::data::alpaca_prompt(&format!("Which colour does {name} like?"), "")
             ));
             texts.push(format!(
-                "{name} lives in {city}. {name} likes the colour {colour}."
+                "{name} lives in {city}. {name} likes the colour {colour}. Where does {name} \
+                 live? What is the favourite colour of {name}?"
             ));
         }
         for c in CITIES.iter().chain(COLOURS.iter()) {
@@ -310,6 +324,7 @@ pub fn tokenizer_texts() -> Vec<String> {
             "How much is plus? makes",
             "Write in capitals. In capitals, is",
             "Q: How much is? A: Which city is home to? Which colour does like?",
+            "Question: Answer: User: Assistant: Input: Output:",
             "Put in order. In order, becomes",
         ] {
             texts.push(crate::data::alpaca_prompt(t, ""));

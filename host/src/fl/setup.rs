@@ -41,40 +41,39 @@ pub fn build_setup(cfg: &RunConfig, log: &mut dyn FnMut(&str)) -> Result<Setup> 
     }
 
     // Training records per domain (or per client) and evaluation records per domain.
-    let (train_groups, eval_groups): (Vec<Group>, Vec<Group>) =
-        if cfg.builtin_data() {
-            let train = builtin::DOMAINS
-                .iter()
-                .map(|d| {
-                    let items = builtin::items(d, Split::Train, cfg.builtin_train_items, cfg.seed);
-                    (d.to_string(), items.iter().map(|i| i.to_record()).collect())
-                })
-                .collect();
-            let eval = builtin::DOMAINS
-                .iter()
-                .map(|d| {
-                    let items = builtin::held_out_distinct(d, cfg.eval_questions, cfg.seed);
-                    (d.to_string(), items.iter().map(|i| i.to_record()).collect())
-                })
-                .collect();
-            (train, eval)
+    let (train_groups, eval_groups): (Vec<Group>, Vec<Group>) = if cfg.builtin_data() {
+        let train = builtin::DOMAINS
+            .iter()
+            .map(|d| {
+                let items = builtin::items(d, Split::Train, cfg.builtin_train_items, cfg.seed);
+                (d.to_string(), items.iter().map(|i| i.to_record()).collect())
+            })
+            .collect();
+        let eval = builtin::DOMAINS
+            .iter()
+            .map(|d| {
+                let items = builtin::held_out_distinct(d, cfg.eval_questions, cfg.seed);
+                (d.to_string(), items.iter().map(|i| i.to_record()).collect())
+            })
+            .collect();
+        (train, eval)
+    } else {
+        let train = if cfg.client_data.is_empty() {
+            group_by_domain(&load_records(Path::new(&cfg.data))?, &cfg.data)?
         } else {
-            let train = if cfg.client_data.is_empty() {
-                group_by_domain(&load_records(Path::new(&cfg.data))?, &cfg.data)?
-            } else {
-                let mut v = Vec::new();
-                for f in &cfg.client_data {
-                    let r = load_records(Path::new(f))?;
-                    if r.is_empty() {
-                        bail!("client data {f}: no records");
-                    }
-                    v.push((f.clone(), r));
+            let mut v = Vec::new();
+            for f in &cfg.client_data {
+                let r = load_records(Path::new(f))?;
+                if r.is_empty() {
+                    bail!("client data {f}: no records");
                 }
-                v
-            };
-            let eval = group_by_domain(&load_records(Path::new(&cfg.eval_data))?, &cfg.eval_data)?;
-            (train, eval)
+                v.push((f.clone(), r));
+            }
+            v
         };
+        let eval = group_by_domain(&load_records(Path::new(&cfg.eval_data))?, &cfg.eval_data)?;
+        (train, eval)
+    };
 
     let mut eval_sets = Vec::new();
     for (d, recs) in &eval_groups {
