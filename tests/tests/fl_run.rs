@@ -241,7 +241,7 @@ fn compare_runs_every_algorithm() {
         &s(&dir.join("out")),
         "--quiet",
         "--set",
-        "references=[\"centralized\"]",
+        "references=[\"centralized\", \"local-only\"]",
     ])
     .ok();
     for a in algs {
@@ -259,12 +259,13 @@ fn compare_runs_every_algorithm() {
                 .is_dir()
         );
     }
-    assert!(out.stdout.contains("centralized"), "{}", out.stdout);
+    for r in ["centralized", "local-only"] {
+        assert!(out.stdout.contains(r), "no {r} row:\n{}", out.stdout);
+    }
     for file in ["compare.md", "compare.csv", "compare.svg", "compare.jsonl"] {
         assert!(dir.join("out").join(file).is_file(), "{file} missing");
     }
-    // FFA-LoRA never changes A: its final A tensors equal the fedavg run's (same seeded init)
-    // only if both kept A; fedavg trains A, so they must differ while ffa-lora's stay at init.
+    // Both start from the same seeded init; FedAvg trains A, FFA-LoRA keeps it and trains B.
     let read = |alg: &str| {
         fedcdd_host::adapter::read_safetensors(
             &dir.join("out")
@@ -282,6 +283,12 @@ fn compare_runs_every_algorithm() {
             .collect()
     };
     assert_ne!(a_of(&ffa), a_of(&avg), "fedavg should have trained A");
+    assert!(
+        ffa.iter()
+            .filter(|t| t.name.contains("lora_B"))
+            .any(|t| t.data.iter().any(|&v| v != 0.0)),
+        "ffa-lora should have trained B"
+    );
     // A compare re-run reuses finished runs instead of training again.
     let again = fedcdd([
         "compare",
@@ -291,7 +298,7 @@ fn compare_runs_every_algorithm() {
         "--out",
         &s(&dir.join("out")),
         "--set",
-        "references=[\"centralized\"]",
+        "references=[\"centralized\", \"local-only\"]",
     ])
     .ok();
     assert!(again.stderr.contains("reusing the finished run"), "{again}");
