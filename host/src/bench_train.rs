@@ -41,6 +41,9 @@ pub struct TrainBenchArgs {
     /// CPU worker threads (0 = one per core).
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
+    /// `cuda` is not wired into this benchmark yet (an error says why).
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: crate::cli_model::Device,
     /// Seconds spent measuring the machine's matmul peak.
     #[arg(long, default_value_t = 1.0)]
     pub peak_seconds: f64,
@@ -135,6 +138,9 @@ fn random_batch(vocab: usize, batch: usize, seq: usize, seed: u64) -> Batch {
 pub fn run_train_bench(a: &TrainBenchArgs) -> Result<()> {
     if a.steps == 0 || a.batch == 0 || a.seq == 0 {
         bail!("--steps, --batch and --seq must be at least 1");
+    }
+    if a.device == crate::cli_model::Device::Cuda {
+        crate::cli_model::cuda_unavailable()?;
     }
     let be = Cpu::new(a.threads).map_err(|e| anyhow::anyhow!("{e}"))?;
     let tmp;

@@ -38,6 +38,8 @@ pub enum Device {
 }
 
 impl ComputeArgs {
+    /// The CPU backend; `--device cuda` is an error here (for the commands that run on the
+    /// CPU only).
     pub fn backend(&self) -> Result<Cpu> {
         if self.device == Device::Cuda {
             cuda_unavailable()?;
@@ -46,17 +48,20 @@ impl ComputeArgs {
     }
 }
 
-/// The error of `--device cuda`: the CUDA kernels exist (fedcdd-kernels' CUDA backend) but
-/// the model commands do not run on them yet; on a machine without a GPU the reason given
-/// is the missing driver or device.
+/// The CUDA backend on GPU 0, or why there is none (no driver, no device).
+pub fn cuda_backend() -> Result<fedcdd_kernels::cuda::Cuda> {
+    fedcdd_kernels::cuda::Cuda::new(0).map_err(|e| anyhow::anyhow!("--device cuda: {e}"))
+}
+
+/// The error of `--device cuda` where a command has no CUDA path yet (`run`, `compare`,
+/// `bench train`); without a GPU it names the missing driver or device instead.
 pub fn cuda_unavailable() -> Result<()> {
-    match fedcdd_kernels::cuda::Cuda::new(0) {
-        Err(e) => bail!("--device cuda: {e}"),
-        Ok(dev) => bail!(
-            "--device cuda: found {}, but training, evaluation and generation on CUDA are not              wired into the model commands yet; use --device cpu (the CUDA kernels can be              benchmarked with `fedcdd bench kernels --device cuda`)",
-            dev.info().name
-        ),
-    }
+    let dev = cuda_backend()?;
+    bail!(
+        "--device cuda: found {}, but this command runs on the CPU only so far (train, eval \
+         and generate take --device cuda); use --device cpu",
+        dev.info().name
+    )
 }
 
 /// A model directory opened on a backend: config, memory-mapped weights, tokenizer.
@@ -329,8 +334,14 @@ pub fn trainable_examples(examples: Vec<Example>, seq: usize, data: &Path) -> Re
 
 pub fn run_train(a: &TrainArgs) -> Result<()> {
     a.validate()?;
-    let be = a.compute.backend()?;
-    let lm = load_model(&be, &a.model)?;
+    match a.compute.device {
+        Device::Cpu => train_on(&a.compute.backend()?, a),
+        Device::Cuda => train_on(&cuda_backend()?, a),
+    }
+}
+
+fn train_on<B: Backend>(be: &B, a: &TrainArgs) -> Result<()> {
+    let lm = load_model(be, &a.model)?;
     if a.seq > lm.model.rope_positions {
         bail!(
             "--seq {} exceeds max_position_embeddings {} of {}",
@@ -341,8 +352,8 @@ pub fn run_train(a: &TrainArgs) -> Result<()> {
     }
     let examples = trainable_examples(load_examples(&a.data, &lm.tokenizer)?, a.seq, &a.data)?;
     let mut lora = match &a.adapter_init {
-        Some(dir) => load_lora(&be, &lm.model, dir)?,
-        None => Lora::init(&be, &lm.model.config, a.lora.config()?, a.seed)?,
+        Some(dir) => load_lora(be, &lm.model, dir)?,
+        None => Lora::init(be, &lm.model.config, a.lora.config()?, a.seed)?,
     };
     let opts = TrainOptions {
         steps: a.steps,
@@ -369,7 +380,7 @@ pub fn run_train(a: &TrainArgs) -> Result<()> {
     let progress = Progress::new();
     let start = Instant::now();
     let mut log = String::from("step,loss,grad_norm,lr,target_tokens,seconds\n");
-    let history = train(&be, &lm.model, &mut lora, &examples, &opts, |step, s| {
+    let history = train(be, &lm.model, &mut lora, &examples, &opts, |step, s| {
         let lr = opts.lr_at(step);
         let secs = start.elapsed().as_secs_f64();
         log.push_str(&format!(
@@ -388,7 +399,7 @@ pub fn run_train(a: &TrainArgs) -> Result<()> {
     })?;
     progress.finish();
     let secs = start.elapsed().as_secs_f64();
-    save_lora(&be, &lora, &a.out, &lm.dir.display().to_string())?;
+    save_lora(be, &lora, &a.out, &lm.dir.display().to_string())?;
     write_atomic(&a.out.join("train_log.csv"), log.as_bytes())?;
     let tokens: usize = history.iter().map(|s| s.tokens).sum();
     let summary = serde_json::json!({
@@ -446,15 +457,21 @@ pub fn run_eval(a: &EvalArgs) -> Result<EvalReport> {
             bail!("{flag} must be at least 1");
         }
     }
-    let be = a.compute.backend()?;
-    let lm = load_model(&be, &a.model)?;
+    match a.compute.device {
+        Device::Cpu => eval_on(&a.compute.backend()?, a),
+        Device::Cuda => eval_on(&cuda_backend()?, a),
+    }
+}
+
+fn eval_on<B: Backend>(be: &B, a: &EvalArgs) -> Result<EvalReport> {
+    let lm = load_model(be, &a.model)?;
     let examples = load_examples(&a.data, &lm.tokenizer)?;
     let lora = match &a.adapter {
-        Some(dir) => load_lora(&be, &lm.model, dir)?,
+        Some(dir) => load_lora(be, &lm.model, dir)?,
         None => no_lora(&lm.model),
     };
     let progress = Progress::new();
-    let report = evaluate(&be, &lm.model, &lora, &examples, a.batch, a.seq, |d, t| {
+    let report = evaluate(be, &lm.model, &lora, &examples, a.batch, a.seq, |d, t| {
         progress.update(d.min(t), t, "examples")
     })?;
     progress.finish();
@@ -562,10 +579,16 @@ pub fn run_generate(a: &GenerateArgs) -> Result<String> {
     if !(0.0..=1.0).contains(&a.top_p) {
         bail!("--top-p must be in [0, 1], got {}", a.top_p);
     }
-    let be = a.compute.backend()?;
-    let lm = load_model(&be, &a.model)?;
+    match a.compute.device {
+        Device::Cpu => generate_on(&a.compute.backend()?, a),
+        Device::Cuda => generate_on(&cuda_backend()?, a),
+    }
+}
+
+fn generate_on<B: Backend>(be: &B, a: &GenerateArgs) -> Result<String> {
+    let lm = load_model(be, &a.model)?;
     let lora = match &a.adapter {
-        Some(dir) => Some(load_lora(&be, &lm.model, dir)?),
+        Some(dir) => Some(load_lora(be, &lm.model, dir)?),
         None => None,
     };
     let prompt = lm.tokenizer.encode(&a.prompt, true)?;
@@ -576,7 +599,7 @@ pub fn run_generate(a: &GenerateArgs) -> Result<String> {
         seed: a.seed,
     };
     let ids = generate(
-        &be,
+        be,
         &lm.model,
         lora.as_ref(),
         &prompt,

@@ -353,3 +353,107 @@ fn bad_configs_are_clear_errors() {
     let out = fedcdd(["run", "--resume", &s(&dir)]);
     assert_eq!(out.status.code(), Some(1), "{out}");
 }
+
+#[test]
+fn cuda_device_is_a_clear_error_without_a_gpu() {
+    let f = fixture();
+    let dir = f.root.join("cuda");
+    fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("run.toml");
+    write_config(&cfg, "fedavg", 1);
+    // The federated runner has no CUDA path yet: an error with or without a GPU.
+    let out = fedcdd([
+        "run",
+        &s(&cfg),
+        "--out",
+        &s(&dir.join("x")),
+        "--set",
+        "device=\"cuda\"",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out}");
+    assert!(
+        out.error_lines()
+            .iter()
+            .any(|l| l.contains("--device cuda")),
+        "{out}"
+    );
+    assert!(
+        !dir.join("x").exists(),
+        "nothing is written when the device is refused"
+    );
+    // train / eval / generate / bench kernels: without a GPU, an error naming the reason.
+    let cases: Vec<Vec<String>> = vec![
+        vec![
+            "generate".into(),
+            "--model".into(),
+            s(&f.model),
+            "--prompt".into(),
+            "hi".into(),
+            "--device".into(),
+            "cuda".into(),
+        ],
+        vec![
+            "eval".into(),
+            "--model".into(),
+            s(&f.model),
+            "--data".into(),
+            s(&f.eval),
+            "--device".into(),
+            "cuda".into(),
+        ],
+        vec![
+            "bench".into(),
+            "kernels".into(),
+            "--device".into(),
+            "cuda".into(),
+            "--iters".into(),
+            "1".into(),
+        ],
+    ];
+    for args in cases {
+        let out = fedcdd(&args);
+        if out.status.success() {
+            eprintln!("SKIPPED: {} ran on a GPU", args.join(" "));
+            continue;
+        }
+        assert_eq!(out.status.code(), Some(1), "{out}");
+        assert!(!out.stderr.contains("panicked"), "{out}");
+        assert!(
+            out.error_lines()
+                .iter()
+                .any(|l| l.contains("CUDA") || l.contains("cuda")),
+            "{out}"
+        );
+    }
+}
+
+#[test]
+fn scaffold_with_sgd_clients_uses_the_spec_control_update() {
+    let f = fixture();
+    let dir = f.root.join("scaffold_sgd");
+    fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("run.toml");
+    write_config(&cfg, "scaffold", 2);
+    let run = dir.join("run");
+    fedcdd([
+        "run",
+        &s(&cfg),
+        "--out",
+        &s(&run),
+        "--quiet",
+        "--set",
+        "optimizer=\"sgd\"",
+        "--set",
+        "lr=0.05",
+    ])
+    .ok();
+    // The checkpoint carries the server control and the sampled clients' controls, finite
+    // and not all zero after two rounds.
+    let (tensors, _) =
+        fedcdd_host::adapter::read_safetensors(&run.join("checkpoint/clients.safetensors"))
+            .unwrap();
+    assert!(tensors.iter().any(|t| t.name.starts_with("control.")));
+    assert!(tensors.iter().any(|t| t.name.starts_with("client")));
+    assert!(tensors.iter().all(|t| t.data.iter().all(|v| v.is_finite())));
+    assert!(tensors.iter().any(|t| t.data.iter().any(|&v| v != 0.0)));
+}

@@ -132,9 +132,19 @@ pub struct LocalPlan<'a> {
     pub prox: Option<(f32, &'a [Vec<f32>])>,
     /// SCAFFOLD: `c − c_i` per parameter (params order).
     pub scaffold: Option<&'a [Vec<f32>]>,
+    /// Also return the mean over the steps of the raw (uncorrected) gradients.
+    pub mean_gradient: bool,
 }
 
-/// Trains `lora` in place on `examples`; returns the mean step loss.
+/// What a client's local training returns.
+pub struct LocalResult {
+    /// Mean step loss.
+    pub loss: f64,
+    /// With `mean_gradient`: per parameter, the mean raw gradient over the steps.
+    pub mean_gradient: Option<Vec<Vec<f32>>>,
+}
+
+/// Trains `lora` in place on `examples`.
 pub fn train_local(
     setup: &Setup,
     model: &Model<Cpu>,
@@ -143,7 +153,7 @@ pub fn train_local(
     examples: &[Example],
     plan: &LocalPlan,
     mut on_step: impl FnMut(usize, f64),
-) -> Result<f64> {
+) -> Result<LocalResult> {
     let cfg = &setup.cfg;
     let be = &setup.be;
     if examples.is_empty() {
@@ -179,6 +189,12 @@ pub fn train_local(
     let scaffold_bufs: Option<Vec<_>> = plan
         .scaffold
         .map(|d| d.iter().map(|v| be.upload(v)).collect());
+    let mut grad_sums: Option<Vec<_>> = plan.mean_gradient.then(|| {
+        lora.params_mut()
+            .iter()
+            .map(|(p, _)| be.zeros(be.buf_len(p)))
+            .collect()
+    });
     let mut sampler = Sampler::new(examples.len(), plan.seed);
     let accum = cfg.grad_accum();
     let mut loss_sum = 0.0;
@@ -202,6 +218,11 @@ pub fn train_local(
             (cfg.max_grad_norm > 0.0).then_some(cfg.max_grad_norm),
             step_seed,
             |be, lora| {
+                if let Some(sums) = grad_sums.as_mut() {
+                    for ((_, grad), sum) in lora.params_mut().into_iter().zip(sums.iter_mut()) {
+                        be.axpy(sum, 1.0, grad);
+                    }
+                }
                 if let Some((mu, g)) = &prox_bufs {
                     for ((p, grad), gb) in lora.params_mut().into_iter().zip(g) {
                         be.axpy(grad, *mu, p);
@@ -219,7 +240,21 @@ pub fn train_local(
         loss_sum += stats.loss;
         on_step(step, stats.loss);
     }
-    Ok(loss_sum / plan.steps.max(1) as f64)
+    let mean_gradient = grad_sums.map(|sums| {
+        let k = plan.steps.max(1) as f32;
+        sums.iter()
+            .map(|b| {
+                let mut v = vec![0.0f32; be.buf_len(b)];
+                be.download(b, &mut v);
+                v.iter_mut().for_each(|x| *x /= k);
+                v
+            })
+            .collect()
+    });
+    Ok(LocalResult {
+        loss: loss_sum / plan.steps.max(1) as f64,
+        mean_gradient,
+    })
 }
 
 /// Loss and accuracy of `tensors` on every domain, as a report point.
@@ -594,6 +629,7 @@ pub fn run_rounds(setup: &Setup, run_dir: &Path, resume: bool, rep: &Reporter) -
                 freeze_a: alg == Algorithm::FfaLora,
                 prox: (alg == Algorithm::FedProx).then_some((cfg.fedprox_mu, &global_params[..])),
                 scaffold: (alg == Algorithm::Scaffold).then_some(&c_minus_ci[..]),
+                mean_gradient: alg == Algorithm::Scaffold && cfg.optimizer != "sgd",
             };
             let what = format!(
                 "round {}/{} client {} ({}/{})",
@@ -603,7 +639,7 @@ pub fn run_rounds(setup: &Setup, run_dir: &Path, resume: bool, rep: &Reporter) -
                 ci + 1,
                 chosen.len()
             );
-            let loss = train_local(
+            let local_run = train_local(
                 setup,
                 &live.model,
                 &mut lora,
@@ -616,9 +652,16 @@ pub fn run_rounds(setup: &Setup, run_dir: &Path, resume: bool, rep: &Reporter) -
                 },
             )
             .with_context(|| format!("{origin}, round {}", round + 1))?;
-            loss_sum += loss;
+            loss_sum += local_run.loss;
             let local = lora.to_tensors(be);
-            if alg == Algorithm::Scaffold {
+            if alg == Algorithm::Scaffold
+                && let Some(g) = local_run.mean_gradient
+            {
+                // Adaptive client optimizer: option II's (G − θ_i)/(K·η) assumes SGD steps,
+                // so the client's control is option I's gradient estimate, the mean raw
+                // gradient of its local steps.
+                new_controls.push((k, g));
+            } else if alg == Algorithm::Scaffold {
                 let mut next = ci_ctl.clone();
                 for (i, c) in next.iter_mut().enumerate() {
                     fedcdd_core::fedopt::scaffold_client_control(
@@ -768,8 +811,9 @@ fn remove_stale_bases(run_dir: &Path, keep: Option<&str>) {
     }
 }
 
-/// The global model's evaluation; FedSA-LoRA has no global B, so its point is the mean of
-/// the clients' personal models (global A + own B) over all domains.
+/// The global model's evaluation. FedSA-LoRA has no global B (each client keeps its own):
+/// its point is, per domain, the mean over the clients holding that domain of their personal
+/// model (global A + own B); a domain no client holds is scored by every client's model.
 fn global_eval(
     setup: &Setup,
     live: &Live,
@@ -780,17 +824,71 @@ fn global_eval(
     if alg != Algorithm::FedSaLora || st.local_b.is_empty() {
         return eval_point(setup, live, &st.global, round);
     }
-    let mut points = Vec::new();
-    for bs in st.local_b.values() {
+    let holders = |domain: &str| -> Vec<usize> {
+        st.local_b
+            .keys()
+            .copied()
+            .filter(|&k| {
+                setup.clients[k]
+                    .examples
+                    .iter()
+                    .any(|e| e.domain.as_deref() == Some(domain))
+            })
+            .collect()
+    };
+    let mut scores: BTreeMap<String, Vec<DomainScore>> = BTreeMap::new();
+    for (k, bs) in &st.local_b {
+        let sets: Vec<EvalSet> = setup
+            .eval_sets
+            .iter()
+            .filter(|s| {
+                let h = holders(&s.domain);
+                h.is_empty() || h.contains(k)
+            })
+            .cloned()
+            .collect();
+        if sets.is_empty() {
+            continue;
+        }
         let mut t = st.global.clone();
         for x in t.iter_mut() {
             if let Some(b) = bs.iter().find(|b| b.name == x.name) {
                 x.data.clone_from(&b.data);
             }
         }
-        points.push(eval_point(setup, live, &t, round)?);
+        let lora = live.lora(&setup.be, &t, "personal adapter")?;
+        let r = evaluate_sets(
+            &setup.be,
+            &live.model,
+            &lora,
+            &setup.tok,
+            &sets,
+            setup.cfg.seq.max(256),
+        )?;
+        for (d, x) in r {
+            scores.entry(d).or_default().push(DomainScore {
+                loss: x.loss,
+                accuracy: x.accuracy,
+                examples: x.examples,
+            });
+        }
     }
-    Ok(mean_points(&points, round))
+    let domains = scores
+        .into_iter()
+        .map(|(d, v)| {
+            let n = v.len() as f64;
+            let acc = v.iter().map(|x| x.accuracy).collect::<Option<Vec<f64>>>();
+            (
+                d,
+                DomainScore {
+                    loss: v.iter().map(|x| x.loss).sum::<f64>() / n,
+                    accuracy: acc.map(|a| a.iter().sum::<f64>() / n),
+                    examples: v[0].examples,
+                },
+            )
+        })
+        .collect();
+    Ok(EvalPoint { round, domains })
 }
 
 /// FLoRA's server step: stack the clients' full adapters (`A = [p_1A_1; …]`, `B = [B_1 …]`),
@@ -928,6 +1026,7 @@ pub fn reference_point(setup: &Setup, kind: &str, rep: &Reporter) -> Result<Eval
             freeze_a: false,
             prox: None,
             scaffold: None,
+            mean_gradient: false,
         };
         train_local(
             setup,
