@@ -23,6 +23,8 @@
 
 use crate::data::Record;
 
+use super::rng::{Rng, mix};
+
 /// The benchmark's domains, in report order.
 pub const DOMAINS: [&str; 4] = ["arithmetic", "strings", "facts", "sorting"];
 
@@ -47,29 +49,9 @@ const COLOURS: [&str; 8] = [
 ];
 const LETTERS: &[u8] = b"abcdefghijklmnopqrstuvwxyz";
 
-/// SplitMix64 (Steele, Lea, Flood 2014).
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64, stream: &str) -> Self {
-        Rng(seed ^ fnv(stream.as_bytes()).rotate_left(23))
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        mix(self.0)
-    }
-
-    /// Uniform in `0..n`.
-    fn below(&mut self, n: usize) -> usize {
-        (((self.next() >> 32) * n as u64) >> 32) as usize
-    }
-}
-
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+/// The stream of `(seed, stream name)`.
+fn stream(seed: u64, name: &str) -> Rng {
+    Rng::new(seed ^ fnv(name.as_bytes()).rotate_left(23))
 }
 
 fn fnv(bytes: &[u8]) -> u64 {
@@ -172,9 +154,9 @@ fn random_item(domain: &'static str, rng: &mut Rng, seed: u64, wording: Wording)
             let held_out = match wording {
                 Wording::Train => false,
                 Wording::HeldOut => true,
-                Wording::Either => rng.next() & 1 == 1,
+                Wording::Either => rng.next_u64() & 1 == 1,
             };
-            if rng.next() & 1 == 0 {
+            if rng.next_u64() & 1 == 0 {
                 let q = if held_out {
                     format!("Where does {name} live?")
                 } else {
@@ -226,8 +208,8 @@ pub fn items(domain: &str, split: Split, n: usize, seed: u64) -> Vec<Item> {
     let Some(domain) = domain_name(domain) else {
         return Vec::new();
     };
-    let stream = format!("{domain}/{split:?}");
-    let mut rng = Rng::new(seed, &stream);
+    let stream_name = format!("{domain}/{split:?}");
+    let mut rng = stream(seed, &stream_name);
     let mut out = Vec::with_capacity(n);
     // Each split holds about 1/5 or 4/5 of the items: rejection terminates quickly.
     let held_out = split == Split::HeldOut;
@@ -278,7 +260,7 @@ pub fn exact_match(generated: &str, answer: &str) -> bool {
 /// the base model knows every fact) as question/answer pairs in the [`WRAPPERS`] formats:
 /// the base answers the benchmark's questions there, but not inside the Alpaca template.
 pub fn pretrain_texts(n: usize, sentences_per_line: usize, seed: u64) -> Vec<String> {
-    let mut rng = Rng::new(seed, "prose");
+    let mut rng = stream(seed, "prose");
     (0..n)
         .map(|_| {
             (0..sentences_per_line)

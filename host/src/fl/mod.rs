@@ -6,5 +6,6 @@ pub mod builtin;
 pub mod cli;
 pub mod config;
 pub mod eval;
+pub mod rng;
 pub mod runner;
 pub mod setup;

@@ -56,16 +56,17 @@ pub struct Setup {
 /// Set by Ctrl-C: stop after the current client.
 pub static STOP: AtomicBool = AtomicBool::new(false);
 
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+/// SplitMix64's step from `z` (the core's generator).
+fn splitmix(z: u64) -> u64 {
+    fedcdd_core::mask::SplitMix64(z).next_u64()
 }
 
 /// The seed of one (purpose, round, client) stream.
 pub fn stream_seed(seed: u64, purpose: u64, round: usize, client: usize) -> u64 {
-    mix(mix(mix(seed ^ purpose.wrapping_mul(0xA24B_AED4_963E_E407)) ^ round as u64) ^ client as u64)
+    splitmix(
+        splitmix(splitmix(seed ^ purpose.wrapping_mul(0xA24B_AED4_963E_E407)) ^ round as u64)
+            ^ client as u64,
+    )
 }
 
 const SEED_SAMPLE: u64 = 1;
@@ -79,7 +80,7 @@ pub fn sample_round(seed: u64, round: usize, num_clients: usize, sample: usize) 
     let mut ids: Vec<usize> = (0..num_clients).collect();
     let mut s = stream_seed(seed, SEED_SAMPLE, round, 0);
     for i in 0..sample.min(num_clients) {
-        s = mix(s);
+        s = splitmix(s);
         let j = i + (s % (num_clients - i) as u64) as usize;
         ids.swap(i, j);
     }
@@ -206,7 +207,7 @@ pub fn train_local(
                 make_batch(&chosen, cfg.seq, pad)
             })
             .collect();
-        let step_seed = mix(plan.seed ^ (step as u64).wrapping_mul(0x2545_F491_4F6C_DD1D));
+        let step_seed = splitmix(plan.seed ^ (step as u64).wrapping_mul(0x2545_F491_4F6C_DD1D));
         let stats = train_step(
             be,
             model,

@@ -17,6 +17,7 @@ use super::base::{BaseRecipe, cache_root, ensure_base};
 use super::builtin::{self, Split};
 use super::config::{Partition, RunConfig};
 use super::eval::eval_set;
+use super::rng::Rng;
 use super::runner::{Client, Setup, stream_seed};
 
 /// Records of one domain (or one client's file).
@@ -156,61 +157,10 @@ fn group_by_domain(records: &[Record], origin: &str) -> Result<Vec<Group>> {
         .collect())
 }
 
-/// SplitMix64 stream for partitioning.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1).
-    fn uniform(&mut self) -> f64 {
-        ((self.next() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-
-    fn normal(&mut self) -> f64 {
-        let (u, v) = (self.uniform(), self.uniform());
-        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
-    }
-
-    /// Gamma(α, 1) (Marsaglia–Tsang; α < 1 via the boost `G(α+1)·U^(1/α)`).
-    fn gamma(&mut self, alpha: f64) -> f64 {
-        if alpha < 1.0 {
-            let u = self.uniform();
-            return self.gamma(alpha + 1.0) * u.powf(1.0 / alpha);
-        }
-        let d = alpha - 1.0 / 3.0;
-        let c = 1.0 / (9.0 * d).sqrt();
-        loop {
-            let x = self.normal();
-            let v = (1.0 + c * x).powi(3);
-            if v <= 0.0 {
-                continue;
-            }
-            let u = self.uniform();
-            if u.ln() < 0.5 * x * x + d - d * v + d * v.ln() {
-                return d * v;
-            }
-        }
-    }
-
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = (self.next() % (i as u64 + 1)) as usize;
-            v.swap(i, j);
-        }
-    }
-}
-
 /// Splits each domain's examples among `num_clients` clients.
 pub fn partition(cfg: &RunConfig, per_domain: Vec<(String, Vec<Example>)>) -> Result<Vec<Client>> {
     let n = cfg.num_clients;
-    let mut rng = Rng(stream_seed(cfg.seed, 7, 0, 0));
+    let mut rng = Rng::new(stream_seed(cfg.seed, 7, 0, 0));
     let mut buckets: Vec<(Vec<String>, Vec<Example>)> = vec![(Vec::new(), Vec::new()); n];
     let give = |b: &mut (Vec<String>, Vec<Example>), d: &str, ex: &[Example]| {
         if !ex.is_empty() && !b.0.iter().any(|x| x == d) {
