@@ -76,6 +76,31 @@ impl WeightSource {
     pub fn byte_len(&self) -> usize {
         self.rows * self.cols * self.dtype.size()
     }
+
+    /// The matrix's bytes, or an error when `rows · cols` overflows or the matrix runs past
+    /// the bytes that hold it.
+    pub fn raw_bytes(&self) -> Result<&[u8], KernelError> {
+        let len = self
+            .rows
+            .checked_mul(self.cols)
+            .ok_or_else(|| KernelError(format!("weight {}x{} overflows", self.rows, self.cols)))?;
+        let bytes: &[u8] = (*self.bytes).as_ref();
+        let end = len
+            .checked_mul(self.dtype.size())
+            .and_then(|n| self.offset.checked_add(n))
+            .filter(|&e| e <= bytes.len())
+            .ok_or_else(|| {
+                KernelError(format!(
+                    "weight {}x{} {:?} at byte {} runs past the {} bytes that hold it",
+                    self.rows,
+                    self.cols,
+                    self.dtype,
+                    self.offset,
+                    bytes.len()
+                ))
+            })?;
+        Ok(&bytes[self.offset..end])
+    }
 }
 
 /// Errors a backend can report (everything else is a caller bug).

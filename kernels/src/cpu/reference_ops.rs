@@ -794,14 +794,14 @@ pub fn cross_entropy(
 /// to tensor ops as f32, as PyTorch does.
 #[derive(Clone, Copy)]
 pub(crate) struct AdamScalars {
-    decay: Option<f32>,
+    pub(crate) decay: Option<f32>,
     /// `1 − β1`: the weight of `exp_avg.lerp_(grad, 1 − β1)`.
-    lerp_w: f32,
-    beta2: f32,
-    one_minus_beta2: f32,
-    neg_step_size: f32,
-    bias_correction2_sqrt: f32,
-    eps: f32,
+    pub(crate) lerp_w: f32,
+    pub(crate) beta2: f32,
+    pub(crate) one_minus_beta2: f32,
+    pub(crate) neg_step_size: f32,
+    pub(crate) bias_correction2_sqrt: f32,
+    pub(crate) eps: f32,
 }
 
 impl AdamScalars {

@@ -34,26 +34,7 @@ pub enum WeightSlice<'a> {
 
 impl CpuWeight {
     pub fn new(src: &WeightSource) -> Result<Self, KernelError> {
-        let len = src
-            .rows
-            .checked_mul(src.cols)
-            .ok_or_else(|| KernelError(format!("weight {}x{} overflows", src.rows, src.cols)))?;
-        let bytes: &[u8] = (*src.bytes).as_ref();
-        let end = src
-            .offset
-            .checked_add(len * src.dtype.size())
-            .filter(|&e| e <= bytes.len())
-            .ok_or_else(|| {
-                KernelError(format!(
-                    "weight {}x{} {:?} at byte {} runs past the {} bytes that hold it",
-                    src.rows,
-                    src.cols,
-                    src.dtype,
-                    src.offset,
-                    bytes.len()
-                ))
-            })?;
-        let raw = &bytes[src.offset..end];
+        let raw = src.raw_bytes()?;
         let align = match src.dtype {
             WeightDType::F32 => align_of::<f32>(),
             WeightDType::F16 | WeightDType::Bf16 => align_of::<u16>(),

@@ -5,7 +5,7 @@ use cudarc::cublas::sys as blas_sys;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
 
 use super::{Cuda, CudaIds, CudaWeight};
-use crate::cpu::reference_ops as checks;
+use crate::cpu::reference_ops::{self as checks, AdamScalars};
 use crate::{
     AdamW, AttnShape, Backend, Copy2d, Gemm, KernelError, LoraDims, LossSum, RopeShape, Sgd,
     WeightDType, WeightSource,
@@ -50,37 +50,6 @@ const KT: usize = 32;
 
 /// The tiled GEMM's tile edge (kernels/cuda/gemm.cu).
 const GEMM_TILE: usize = 64;
-
-/// PyTorch AdamW's per-step scalars, computed exactly as the CPU backend computes them.
-struct AdamScalars {
-    decay: Option<f32>,
-    lerp_w: f32,
-    beta2: f32,
-    one_minus_beta2: f32,
-    neg_step_size: f32,
-    bias_correction2_sqrt: f32,
-    eps: f32,
-}
-
-impl AdamScalars {
-    fn new(hp: AdamW, step: u64) -> Self {
-        assert!(step >= 1, "adamw_step: step counts from 1, got {step}");
-        let (lr, b1, b2) = (hp.lr as f64, hp.beta1 as f64, hp.beta2 as f64);
-        let wd = hp.weight_decay as f64;
-        let t = step as f64;
-        let bias_correction1 = 1.0 - b1.powf(t);
-        let bias_correction2 = 1.0 - b2.powf(t);
-        AdamScalars {
-            decay: (wd != 0.0).then_some((1.0 - lr * wd) as f32),
-            lerp_w: (1.0 - b1) as f32,
-            beta2: hp.beta2,
-            one_minus_beta2: (1.0 - b2) as f32,
-            neg_step_size: (-(lr / bias_correction1)) as f32,
-            bias_correction2_sqrt: bias_correction2.sqrt() as f32,
-            eps: hp.eps,
-        }
-    }
-}
 
 impl Cuda {
     fn func(&self, name: &str) -> &cudarc::driver::CudaFunction {
@@ -429,25 +398,7 @@ impl Backend for Cuda {
         }
     }
     fn weight(&self, src: &WeightSource) -> Result<CudaWeight, KernelError> {
-        let len = src
-            .rows
-            .checked_mul(src.cols)
-            .ok_or_else(|| KernelError(format!("weight {}x{} overflows", src.rows, src.cols)))?;
-        let bytes: &[u8] = (*src.bytes).as_ref();
-        let end = src
-            .offset
-            .checked_add(len * src.dtype.size())
-            .filter(|&e| e <= bytes.len())
-            .ok_or_else(|| {
-                KernelError(format!(
-                    "weight {}x{} {:?} at byte {} runs past the {} bytes that hold it",
-                    src.rows,
-                    src.cols,
-                    src.dtype,
-                    src.offset,
-                    bytes.len()
-                ))
-            })?;
+        let raw = src.raw_bytes()?;
         if cfg!(target_endian = "big") {
             return Err(KernelError(
                 "cuda: weights are uploaded as little-endian bytes; this host is big-endian"
@@ -457,7 +408,6 @@ impl Backend for Cuda {
         self.ctx
             .bind_to_thread()
             .map_err(|e| KernelError(format!("cuda weight: {e:?}")))?;
-        let raw = &bytes[src.offset..end];
         let data = if raw.is_empty() {
             self.stream.null()
         } else {
