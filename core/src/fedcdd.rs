@@ -15,7 +15,10 @@ use crate::sweep::{
 };
 use crate::sweep::{dot_lanes, sqrt, sum_lanes};
 use crate::tensor::{Element, Layout, TensorRole, TensorView};
-use crate::{EPS, with_view};
+use crate::with_view;
+
+/// ε of the spec: the floor of every norm we divide by.
+pub const EPS: f32 = 1e-8;
 
 /// Agreements `v_i` closer to 0 than this count as 0. The streaming form gets `v_i` from
 /// `⟨û_i, U⟩ − 1`, whose f32 rounding (~1e-7) is above the spec's ε = 1e-8; without this,
@@ -61,6 +64,25 @@ pub enum NormAxis {
 }
 
 impl NormAxis {
+    /// Every value, in documentation order.
+    pub const ALL: [NormAxis; 3] = [NormAxis::Column, NormAxis::Row, NormAxis::Rank];
+
+    /// The config/CLI name (`column`, `row`, `rank`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            NormAxis::Column => "column",
+            NormAxis::Row => "row",
+            NormAxis::Rank => "rank",
+        }
+    }
+
+    /// The value [`name`](Self::name) calls `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.name() == name)
+    }
+}
+
+impl NormAxis {
     /// The groups this axis means for a tensor of the given role.
     pub const fn groups(self, role: TensorRole) -> Groups {
         match (self, role) {
@@ -82,6 +104,37 @@ pub enum Target {
     Weights,
 }
 
+impl Target {
+    /// Every value, in documentation order.
+    pub const ALL: [Target; 2] = [Target::Delta, Target::Weights];
+
+    /// The config/CLI name (`delta`, `weights`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Target::Delta => "delta",
+            Target::Weights => "weights",
+        }
+    }
+
+    /// The value [`name`](Self::name) calls `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.name() == name)
+    }
+}
+
+impl core::fmt::Display for Weighting {
+    /// The form [`Weighting::parse`] reads.
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Weighting::PRelu => f.write_str("p_relu"),
+            Weighting::Relu => f.write_str("relu"),
+            Weighting::Softmax { tau } => write!(f, "softmax:{tau}"),
+            Weighting::Samples => f.write_str("samples"),
+            Weighting::Uniform => f.write_str("uniform"),
+        }
+    }
+}
+
 /// How the direction weights `w_i` come from the agreement scores `v_i`.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub enum Weighting {
@@ -101,6 +154,23 @@ pub enum Weighting {
 }
 
 impl Weighting {
+    /// Reads `p_relu | relu | softmax:T | samples | uniform` (T > 0).
+    pub fn parse(s: &str) -> Result<Weighting, &'static str> {
+        match s {
+            "p_relu" => Ok(Weighting::PRelu),
+            "relu" => Ok(Weighting::Relu),
+            "samples" => Ok(Weighting::Samples),
+            "uniform" => Ok(Weighting::Uniform),
+            _ => match s.strip_prefix("softmax:") {
+                Some(t) => match t.parse::<f32>() {
+                    Ok(tau) if tau > 0.0 && tau.is_finite() => Ok(Weighting::Softmax { tau }),
+                    _ => Err("the softmax temperature must be a number > 0"),
+                },
+                None => Err("expected p_relu, relu, softmax:T, samples or uniform"),
+            },
+        }
+    }
+
     /// Whether this weighting can fall back to `p_i`, which needs a second accumulator.
     const fn has_fallback(self) -> bool {
         matches!(

@@ -117,6 +117,24 @@ pub enum FedOptVariant {
     OpenFedLlm,
 }
 
+impl FedOptVariant {
+    /// Every value, in documentation order.
+    pub const ALL: [FedOptVariant; 2] = [FedOptVariant::Reddi, FedOptVariant::OpenFedLlm];
+
+    /// The config/CLI name (`reddi`, `openfedllm`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            FedOptVariant::Reddi => "reddi",
+            FedOptVariant::OpenFedLlm => "openfedllm",
+        }
+    }
+
+    /// The value [`name`](Self::name) calls `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.name() == name)
+    }
+}
+
 /// Hyper-parameters of a [`ServerOpt`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ServerOptConfig {

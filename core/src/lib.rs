@@ -14,6 +14,7 @@
 //! | [`MeanAccumulator`] | the caller's 2·P floats |
 //! | [`apply_server_opt`], [`init_server_state`], SCAFFOLD and FedProx helpers | none (the caller's state slices) |
 //! | [`mask_encode`] | the caller's scratch of 2·C words (C columns) |
+//! | `UploadPlan` (feature `alloc`) | each tensor's kept columns and mask scratch, and the output bytes |
 //! | [`mask_reconstruct`], [`TensorRecord::reconstruct`] | O(1) |
 //! | [`Upload::parse`], [`Upload::records`], [`UploadWriter`] | O(1): no allocation, a stack buffer of about 1.2 KB for a record head |
 //!
@@ -29,6 +30,8 @@ extern crate alloc;
 #[cfg(feature = "std")]
 extern crate std;
 
+#[cfg(feature = "alloc")]
+pub mod encode;
 pub mod error;
 pub mod fedcdd;
 pub mod fedopt;
@@ -37,11 +40,13 @@ pub mod sweep;
 pub mod tensor;
 pub mod wire;
 
+#[cfg(feature = "alloc")]
+pub use encode::{DeltaTensor, PlannedTensor, UploadPlan};
 pub use error::{Error, ErrorKind};
 #[cfg(feature = "alloc")]
 pub use fedcdd::{BatchReport, ClientInput, fedcdd_batch};
 pub use fedcdd::{
-    ClientAgreement, FedCddConfig, FedCddSummary, NormAxis, StreamingFedCdd, Target, Weighting,
+    ClientAgreement, EPS, FedCddConfig, FedCddSummary, NormAxis, StreamingFedCdd, Target, Weighting,
 };
 pub use fedopt::{
     Algorithm, ClientView, FedOptVariant, GROUP, MeanAccumulator, ServerOpt, ServerOptConfig,
@@ -53,6 +58,3 @@ pub use mask::{Importance, MaskConfig, MaskScratch, MaskedSummary, mask_encode, 
 pub use sweep::Groups;
 pub use tensor::{DType, Element, Layout, MAX_DIMS, TensorRole, TensorView};
 pub use wire::{Payload, TensorRecord, Upload, UploadHeader, UploadWriter};
-
-/// ε of the spec: the floor of every norm we divide by.
-pub const EPS: f32 = 1e-8;

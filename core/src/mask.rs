@@ -28,6 +28,24 @@ pub enum Importance {
 }
 
 impl Importance {
+    /// Every value, in documentation order.
+    pub const ALL: [Importance; 2] = [Importance::ColumnL2, Importance::ElementAbs];
+
+    /// The config/CLI name (`column_l2`, `element_abs`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Importance::ColumnL2 => "column_l2",
+            Importance::ElementAbs => "element_abs",
+        }
+    }
+
+    /// The value [`name`](Self::name) calls `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.name() == name)
+    }
+}
+
+impl Importance {
     /// The `rows × cols` unit grid the mask works on: the tensor itself, or `1 × P`.
     pub const fn units(self, layout: &Layout) -> (usize, usize) {
         match self {

@@ -32,6 +32,22 @@ impl DType {
         }
     }
 
+    /// The lower-case name configs and the CLI use (`f32`, `f16`, `bf16`).
+    pub const fn short_name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+        }
+    }
+
+    /// The type [`short_name`](Self::short_name) (or [`name`](Self::name)) calls `name`.
+    pub fn from_name(name: &str) -> Option<DType> {
+        [DType::F32, DType::F16, DType::BF16]
+            .into_iter()
+            .find(|d| d.short_name() == name || d.name() == name)
+    }
+
     /// Decodes element `i` of little-endian `bytes` (caller guarantees the bounds).
     #[inline]
     pub(crate) fn read_le(self, bytes: &[u8], i: usize) -> f32 {

@@ -8,7 +8,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use fedcdd_core::{Error as CoreError, ErrorKind};
 
-use crate::types::*;
+use crate::status::*;
 
 /// An error on its way to the caller: a status code and the message `fedcdd_last_error`
 /// returns.

@@ -22,6 +22,7 @@ mod aggregator;
 mod arena;
 mod error;
 mod state;
+mod status;
 mod types;
 mod upload;
 

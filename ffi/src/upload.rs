@@ -3,10 +3,10 @@
 use std::collections::HashMap;
 use std::ffi::{CString, c_void};
 
-use fedcdd_core::mask::{MaskScratch, SplitMix64};
+use fedcdd_core::mask::SplitMix64;
 use fedcdd_core::{
-    Algorithm, DType, Element, Importance, Layout, MaskConfig, Payload, TensorRecord, TensorRole,
-    Upload, UploadHeader, UploadWriter, bf16, f16, mask_encode,
+    Algorithm, DType, DeltaTensor, MaskConfig, Payload, TensorRecord, TensorRole, Upload,
+    UploadHeader, UploadPlan, bf16, f16,
 };
 
 use crate::arena::Arena;
@@ -30,30 +30,6 @@ pub(crate) fn default_encode_options() -> fedcdd_encode_options {
         importance: FEDCDD_IMPORTANCE_COLUMN_L2,
         upload_dtype: FEDCDD_DTYPE_AS_INPUT,
         algorithm: FEDCDD_ALG_FEDCDD,
-    }
-}
-
-/// One tensor to send: its masked form, computed once for the measuring and the real write.
-struct Planned {
-    name: String,
-    dims: Vec<usize>,
-    dtype: DType,
-    /// All values (dense) or the kept columns (masked), already rounded to `dtype`.
-    values: Vec<f32>,
-    kept: Vec<u32>,
-    sigma: f32,
-    dense: bool,
-}
-
-fn values_of<T: Element>(x: &[f32]) -> Vec<T> {
-    x.iter().map(|v| T::from_f32(*v)).collect()
-}
-
-fn round_to(dtype: DType, x: &mut [f32]) {
-    match dtype {
-        DType::F32 => {}
-        DType::F16 => x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32()),
-        DType::BF16 => x.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32()),
     }
 }
 
@@ -101,7 +77,7 @@ pub(crate) fn encode(
             format!("local tensor \"{}\" is not a global tensor", l.name),
         ));
     }
-    let mut plans = Vec::new();
+    let mut deltas = Vec::new();
     for g in global {
         let role = TensorRole::from_name(g.name);
         if !algorithm.aggregates(role) {
@@ -131,62 +107,37 @@ pub(crate) fn encode(
                 ));
             }
         }
-        let layout = Layout::from_dims(&g.dims, role).map_err(|e| core_kind(e).context(&at))?;
-        let dtype = upload_dtype.unwrap_or(l.dtype);
-        // Δ = θ − G in f32, rounded to the dtype sent: the kept columns and σ are those of
-        // the tensor actually sent.
-        let mut delta: Vec<f32> = l
+        // Δ = θ − G in f32; the plan rounds it to the dtype sent.
+        let delta: Vec<f32> = l
             .to_f32()
             .iter()
             .zip(g.to_f32())
             .map(|(a, b)| a - b)
             .collect();
-        round_to(dtype, &mut delta);
-        let (rows, cols) = mask.importance.units(&layout);
-        let k = mask.kept_count(cols);
-        let mut norms = vec![0.0f32; cols];
-        let mut order = vec![0u32; cols];
-        let mut kept = vec![0u32; k];
-        let mut values = vec![0.0f32; k * rows];
-        let s = mask_encode(
-            &delta,
-            &layout,
-            &mask,
-            MaskScratch {
-                norms: &mut norms,
-                order: &mut order,
-            },
-            &mut kept,
-            &mut values,
-        )
-        .map_err(|e| core_kind(e).context(&at))?;
-        let dense = s.kept == cols;
-        plans.push(Planned {
-            name: g.name.to_string(),
-            dims: g.dims.clone(),
-            dtype,
-            values: if dense { delta } else { values },
-            kept,
-            sigma: s.sigma,
-            dense,
-        });
+        deltas.push((g.name, &g.dims, upload_dtype.unwrap_or(l.dtype), delta));
     }
-    if plans.is_empty() {
+    if deltas.is_empty() {
         return Err(invalid(format!(
             "nothing to upload: no global tensor is sent by {}",
             algorithm.name()
         )));
     }
-    let header = UploadHeader::new(
-        opts.round,
-        opts.client_id,
-        opts.num_samples,
-        plans.len() as u32,
-    );
-    let to_ffi = |e: fedcdd_core::Error| core_kind(e).context("upload");
-    let mut dry = UploadWriter::measure(header).map_err(to_ffi)?;
-    write_records(&mut dry, &plans, mask.importance, opts.seed)?;
-    let len = dry.finish().map_err(to_ffi)?;
+    let views: Vec<DeltaTensor<'_>> = deltas
+        .iter()
+        .map(|(name, dims, dtype, values)| DeltaTensor {
+            name,
+            dims,
+            dtype: *dtype,
+            values,
+        })
+        .collect();
+    let header = UploadHeader::new(opts.round, opts.client_id, opts.num_samples, 0);
+    let at = |e: fedcdd_core::Error| match e.tensor.and_then(|i| views.get(i as usize)) {
+        Some(t) => core_kind(e).context(format!("tensor \"{}\"", t.name)),
+        None => core_kind(e).context("upload"),
+    };
+    let plan = UploadPlan::new(&views, header, &mask, opts.seed).map_err(at)?;
+    let len = plan.byte_len().map_err(at)?;
     let Some(out) = out else {
         return Ok(len);
     };
@@ -199,43 +150,7 @@ pub(crate) fn encode(
             ),
         ));
     }
-    let mut w = UploadWriter::new(&mut out[..len], header).map_err(to_ffi)?;
-    write_records(&mut w, &plans, mask.importance, opts.seed)?;
-    w.finish().map_err(to_ffi)
-}
-
-fn write_records(
-    w: &mut UploadWriter<'_>,
-    plans: &[Planned],
-    importance: Importance,
-    seed: u64,
-) -> FfiResult<()> {
-    for p in plans {
-        let r = match p.dtype {
-            DType::F32 => write_record(w, p, &p.values, importance, seed),
-            DType::F16 => write_record(w, p, &values_of::<f16>(&p.values), importance, seed),
-            DType::BF16 => write_record(w, p, &values_of::<bf16>(&p.values), importance, seed),
-        };
-        r.map_err(|e| core_kind(e).context(format!("tensor \"{}\"", p.name)))?;
-    }
-    Ok(())
-}
-
-/// Writes one planned tensor with its values in the upload dtype `T`: dense, or its kept
-/// columns.
-fn write_record<T: Element>(
-    w: &mut UploadWriter<'_>,
-    p: &Planned,
-    values: &[T],
-    importance: Importance,
-    seed: u64,
-) -> Result<(), fedcdd_core::Error> {
-    let (name, dims) = (p.name.as_str(), p.dims.as_slice());
-    if p.dense {
-        w.dense(name, dims, values)
-    } else {
-        w.masked(name, dims, importance, &p.kept, values, p.sigma, seed)
-    }
+    plan.write(&mut out[..len]).map_err(at)
 }
 
 /// A parsed, fully validated upload (opaque to C). Create it with `fedcdd_upload_parse`,

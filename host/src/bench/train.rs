@@ -1,0 +1,325 @@
+//! `fedcdd bench train`: tokens/s of LoRA training steps (forward + backward + optimizer),
+//! the FLOP rate that implies, against this machine's matmul peak measured in the same run,
+//! and peak RSS. `--torch` also runs PyTorch + PEFT on the same model and shapes
+//! (scripts/bench_torch_train.py) and prints the ratio.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use std::fmt::Write as _;
+
+use anyhow::{Context, Result, bail};
+use fedcdd_kernels::{AdamW, Backend};
+
+use crate::data::Batch;
+use crate::model::config::LlamaConfig;
+use crate::model::init::{InitModelOptions, Preset, build_model};
+use crate::model::llama::{Lora, Workspace};
+use crate::model::load_model;
+use crate::model::lora::{LoraConfig, Proj};
+use crate::progress::{self, Progress};
+use crate::rng::Rng;
+use crate::train::{OptState, Optimizer, train_step};
+
+/// What `fedcdd bench train` measures.
+#[derive(Debug, Clone)]
+pub struct TrainBenchOptions {
+    /// Built-in model preset (written to a temporary directory first), unless `model`.
+    pub preset: Preset,
+    /// An HF LLaMA model directory instead of a preset.
+    pub model: Option<PathBuf>,
+    pub batch: usize,
+    pub seq: usize,
+    /// Timed optimizer steps.
+    pub steps: usize,
+    /// Untimed steps first.
+    pub warmup: usize,
+    pub lora: LoraConfig,
+    /// CPU worker threads (0 = one per core).
+    pub threads: usize,
+    /// Seconds spent measuring the machine's matmul peak.
+    pub peak_seconds: f64,
+    /// Also time PyTorch + PEFT (scripts/bench_torch_train.py) and print the ratio.
+    pub torch: bool,
+    /// JSON instead of a table.
+    pub json: bool,
+}
+
+/// Writes a preset model into `dir` through `init-model`'s own code path.
+pub fn write_preset(preset: Preset, dir: &Path) -> Result<()> {
+    build_model(&InitModelOptions::new(preset, dir)).map(|_| ())
+}
+
+/// FLOPs of one training step as this engine runs it (causal attention counted as half the
+/// square; backward = input gradients of the frozen matmuls + LoRA gradients).
+pub fn train_step_flops(c: &LlamaConfig, lora: &LoraConfig, batch: usize, seq: usize) -> f64 {
+    let m = (batch * seq) as f64;
+    let mut linear = 0.0;
+    let mut lora_f = 0.0;
+    for p in Proj::ALL {
+        let (fin, fout) = p.dims(c);
+        linear += 2.0 * m * (fin * fout) as f64;
+        if lora.targets(p) {
+            lora_f += 2.0 * m * (lora.r * (fin + fout)) as f64;
+        }
+    }
+    let layers = c.num_hidden_layers as f64;
+    let attn_fwd =
+        2.0 * batch as f64 * c.num_attention_heads as f64 * (seq * seq) as f64 * c.head_dim as f64;
+    let lm_head = 2.0 * m * (c.hidden_size * c.vocab_size) as f64;
+    // forward + input-gradient backward: 2× each frozen matmul; LoRA: 1× forward, 2× backward;
+    // attention backward recomputes scores: 5 matmuls against forward's 2.
+    layers * (2.0 * linear + 3.0 * lora_f + attn_fwd * 3.5) + 2.0 * lm_head
+}
+
+/// A `/proc/self/status` field in bytes (`VmHWM` = peak RSS, `RssAnon` = private memory
+/// now, `RssFile` = file-backed pages now, e.g. the mapped checkpoint), where the OS tells it.
+pub fn proc_status_bytes(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status
+        .lines()
+        .find(|l| l.split(':').next() == Some(field))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Peak resident set size of this process, in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    proc_status_bytes("VmHWM")
+}
+
+fn random_batch(vocab: usize, batch: usize, seq: usize, seed: u64) -> Batch {
+    let mut rng = Rng::new(seed);
+    let mut next = || (rng.next_u64() % vocab as u64) as i32;
+    let stream: Vec<i32> = (0..batch * (seq + 1)).map(|_| next()).collect();
+    let mut ids = Vec::with_capacity(batch * seq);
+    let mut targets = Vec::with_capacity(batch * seq);
+    for b in 0..batch {
+        let row = &stream[b * (seq + 1)..(b + 1) * (seq + 1)];
+        ids.extend_from_slice(&row[..seq]);
+        targets.extend_from_slice(&row[1..]);
+    }
+    Batch {
+        batch,
+        seq,
+        n_targets: batch * seq,
+        ids,
+        targets,
+        example_index: (0..batch).collect(),
+    }
+}
+
+/// Runs the benchmark on the CPU; returns the table (or JSON) to print.
+pub fn run_train_bench(a: &TrainBenchOptions) -> Result<String> {
+    if a.steps == 0 || a.batch == 0 || a.seq == 0 {
+        bail!("--steps, --batch and --seq must be at least 1");
+    }
+    let be = crate::device::cpu(a.threads)?;
+    let tmp;
+    let (dir, label) = match &a.model {
+        Some(d) => (d.clone(), d.display().to_string()),
+        None => {
+            tmp = TempDir::new("fedcdd-bench-model")?;
+            progress::line(&format!(
+                "writing the {} preset to {}",
+                a.preset.name(),
+                tmp.0.display()
+            ));
+            write_preset(a.preset, &tmp.0)?;
+            (tmp.0.clone(), format!("preset {}", a.preset.name()))
+        }
+    };
+    let lm = load_model(&be, &dir)?;
+    let cfg = &lm.model.config;
+    let lcfg = a.lora.clone();
+    let mut lora = Lora::init(&be, cfg, lcfg.clone(), 0)?;
+    let mut ws = Workspace::new(&be, cfg, &lcfg, a.batch, a.seq);
+    let mut opt = OptState::new(&be, &mut lora);
+    let optimizer = Optimizer::AdamW(AdamW::torch(1e-4, 0.0));
+    let bar = Progress::new();
+    let total = a.warmup + a.steps;
+    let mut step_secs = Vec::with_capacity(a.steps);
+    for step in 0..total {
+        let batch = [random_batch(cfg.vocab_size, a.batch, a.seq, step as u64)];
+        let t = Instant::now();
+        train_step(
+            &be,
+            &lm.model,
+            &mut lora,
+            &mut opt,
+            &mut ws,
+            &batch,
+            optimizer,
+            Some(1.0),
+            step as u64,
+            |_, _| Ok(()),
+        )?;
+        if step >= a.warmup {
+            step_secs.push(t.elapsed().as_secs_f64());
+        }
+        bar.update(step + 1, total, "steps");
+    }
+    bar.finish();
+    let rss = peak_rss_bytes();
+    let (anon, file) = (proc_status_bytes("RssAnon"), proc_status_bytes("RssFile"));
+    progress::line(&format!(
+        "measuring this machine's f32 matmul peak ({:.1}s)",
+        a.peak_seconds
+    ));
+    let peak_gflops = fedcdd_kernels::cpu::matmul::measure_matmul_peak(&be, a.peak_seconds);
+    let mut sorted = step_secs.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let tokens = (a.batch * a.seq) as f64;
+    let flops = train_step_flops(cfg, &lcfg, a.batch, a.seq);
+    let tps_median = tokens / median;
+    let gflops = flops / median / 1e9;
+    let torch = if a.torch {
+        Some(run_torch(&dir, a)?)
+    } else {
+        None
+    };
+    let json = serde_json::json!({
+        "model": label,
+        "backend": be.name(),
+        "batch": a.batch,
+        "seq": a.seq,
+        "lora_r": lcfg.r,
+        "lora_targets": lcfg.targets.iter().map(|p| p.module_name()).collect::<Vec<_>>(),
+        "steps": a.steps,
+        "step_seconds": {"min": sorted[0], "median": median, "max": sorted[sorted.len() - 1]},
+        "tokens_per_second": {"min": tokens / sorted[sorted.len() - 1], "median": tps_median, "max": tokens / sorted[0]},
+        "gflop_per_step": flops / 1e9,
+        "achieved_gflops": gflops,
+        "matmul_peak_gflops": peak_gflops,
+        "fraction_of_peak": gflops / peak_gflops,
+        "peak_rss_bytes": rss,
+        "rss_anon_bytes": anon,
+        "rss_file_bytes": file,
+        "torch_tokens_per_second": torch,
+        "speedup_vs_torch": torch.map(|t| tps_median / t),
+    });
+    if a.json {
+        return Ok(format!("{}\n", serde_json::to_string_pretty(&json)?));
+    }
+    let mut out = String::new();
+    writeln!(
+        out,
+        "model          {label} ({} layers, hidden {}, vocab {})",
+        cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
+    )?;
+    writeln!(out, "backend        {}", be.name())?;
+    writeln!(
+        out,
+        "shape          batch {} x seq {}, LoRA r={} on {} projections",
+        a.batch,
+        a.seq,
+        lcfg.r,
+        lcfg.targets.len()
+    )?;
+    writeln!(
+        out,
+        "step time      {:.4} / {:.4} / {:.4} s (min / median / max of {})",
+        sorted[0],
+        median,
+        sorted[sorted.len() - 1],
+        a.steps
+    )?;
+    writeln!(out, "tokens/s       {tps_median:.0} (median step)")?;
+    writeln!(
+        out,
+        "compute        {:.2} GFLOP/step -> {gflops:.1} GFLOP/s = {:.0}% of this machine's f32 matmul peak ({peak_gflops:.1} GFLOP/s, measured now)",
+        flops / 1e9,
+        100.0 * gflops / peak_gflops
+    )?;
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    if let Some(rss) = rss {
+        writeln!(out, "peak RSS       {:.1} MiB", mib(rss))?;
+    }
+    if let (Some(anon), Some(file)) = (anon, file) {
+        writeln!(
+        out,
+            "resident now   {:.1} MiB private + {:.1} MiB file-backed (the mapped checkpoint)",
+            mib(anon),
+            mib(file)
+        )?;
+    }
+    if let Some(t) = torch {
+        writeln!(
+        out,
+            "PyTorch+PEFT   {t:.0} tokens/s (f32 eager, same model and shapes) -> fedcdd is {:.2}x",
+            tps_median / t
+        )?;
+    }
+    Ok(out)
+}
+
+/// Runs scripts/bench_torch_train.py and returns its tokens/s.
+fn run_torch(dir: &Path, a: &TrainBenchOptions) -> Result<f64> {
+    let targets: Vec<&str> = a.lora.targets.iter().map(|p| p.module_name()).collect();
+    let targets = targets.join(",");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench_torch_train.py");
+    if !script.is_file() {
+        bail!(
+            "--torch needs {} (from the fedcdd source tree this binary was built in)",
+            script.display()
+        );
+    }
+    progress::line(&format!("timing PyTorch + PEFT with {}", script.display()));
+    let out = Command::new("python3")
+        .arg(&script)
+        .args(["--model", &dir.display().to_string()])
+        .args(["--batch", &a.batch.to_string(), "--seq", &a.seq.to_string()])
+        .args([
+            "--steps",
+            &a.steps.to_string(),
+            "--warmup",
+            &a.warmup.to_string(),
+        ])
+        .args([
+            "--lora-r",
+            &a.lora.r.to_string(),
+            "--lora-dropout",
+            &a.lora.dropout.to_string(),
+            "--targets",
+            &targets,
+        ])
+        .args(["--threads", &a.threads.to_string()])
+        .output()
+        .context("cannot run python3 for --torch")?;
+    if !out.status.success() {
+        bail!(
+            "the PyTorch benchmark failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(text.trim())
+        .with_context(|| format!("the PyTorch benchmark printed no JSON: {text}"))?;
+    v["tokens_per_second"]
+        .as_f64()
+        .context("the PyTorch benchmark printed no tokens_per_second")
+}
+
+/// A directory removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> Result<Self> {
+        let base = std::env::temp_dir();
+        for i in 0..1000u32 {
+            let p = base.join(format!("{prefix}-{}-{i}", std::process::id()));
+            if std::fs::create_dir(&p).is_ok() {
+                return Ok(TempDir(p));
+            }
+        }
+        bail!("cannot create a temporary directory in {}", base.display())
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
