@@ -41,6 +41,9 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::ops::{Isa as Tier, isa_cap};
+use super::sync_ptr::SyncPtr;
+
 /// The elements of op(B)'s storage, in the stored type.
 #[derive(Clone, Copy)]
 pub(crate) enum BSrc<'a> {
@@ -142,15 +145,18 @@ pub enum Simd {
 }
 
 impl Simd {
-    /// The best this CPU runs (detected once).
+    /// The best this CPU runs, within the cap every fast CPU op honours (the
+    /// `FEDCDD_CPU_ISA` environment variable and `ops::set_max_isa`).
     pub fn detect() -> Simd {
-        static BEST: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
-        *BEST.get_or_init(|| {
-            [Simd::Avx512, Simd::Avx2]
-                .into_iter()
-                .find(|s| s.available())
-                .unwrap_or(Simd::Portable)
-        })
+        static AVAILABLE: std::sync::OnceLock<[bool; 2]> = std::sync::OnceLock::new();
+        let available =
+            AVAILABLE.get_or_init(|| [Simd::Avx512.available(), Simd::Avx2.available()]);
+        let cap = isa_cap();
+        [(Simd::Avx512, Tier::Avx512), (Simd::Avx2, Tier::Avx2)]
+            .into_iter()
+            .zip(available)
+            .find(|((_, tier), ok)| **ok && *tier <= cap)
+            .map_or(Simd::Portable, |((s, _), _)| s)
     }
 
     /// Whether this CPU has the instructions.
@@ -209,7 +215,16 @@ static PORTABLE: Isa = Isa {
 
 /// `C = alpha · op(A) · op(B) + beta · C` on the current rayon pool with `simd`'s kernels
 /// (panics when this CPU lacks them).
-pub(crate) fn gemm(simd: Simd, g: &GemmCall<'_>, c: &mut [f32]) {
+/// The GEMM's path for a few rows against a transposed B (see `lora::skinny_trans_b`), passed
+/// in by the caller so this module does not depend on the LoRA kernels.
+pub(crate) type SkinnyFn = fn(Simd, &GemmCall<'_>, &mut [f32]);
+
+/// Whether `g` takes the few-rows path: B transposed, A row-major, at most `SKINNY_M` rows.
+fn is_skinny(g: &GemmCall<'_>) -> bool {
+    g.trans_b && !g.trans_a && g.m <= SKINNY_M
+}
+
+pub(crate) fn gemm(simd: Simd, g: &GemmCall<'_>, c: &mut [f32], skinny: SkinnyFn) {
     simd.check();
     let isa = simd.isa();
     let GemmCall {
@@ -253,8 +268,8 @@ pub(crate) fn gemm(simd: Simd, g: &GemmCall<'_>, c: &mut [f32]) {
         ldb >= if g.trans_b { k } else { n } && g.b.len() >= b_need,
         "gemm: B is too short"
     );
-    if g.trans_b && !g.trans_a && m <= SKINNY_M {
-        super::lora::skinny_trans_b(simd, g, c);
+    if is_skinny(g) {
+        skinny(simd, g, c);
         return;
     }
 
@@ -448,15 +463,6 @@ fn scale_c(c: &mut [f32], m: usize, n: usize, ldc: usize, beta: f32) {
         }
     }
 }
-
-/// A raw pointer to C that tasks share; each task writes only its own tile.
-#[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
-// SAFETY: the pointer is only dereferenced by `Tile::run` on disjoint parts of C while the
-// `&mut [f32]` it came from is borrowed by `gemm_with`.
-unsafe impl Send for SyncPtr {}
-// SAFETY: as above.
-unsafe impl Sync for SyncPtr {}
 
 /// The work of one task inside one packed block.
 struct Tile<'a, 'g> {

@@ -13,6 +13,7 @@ use rayon::prelude::*;
 
 use super::checks::{check_lora_backward, check_lora_forward};
 use super::gemm::{BSrc, GemmCall, Simd, widen};
+use super::sync_ptr::SyncPtr;
 use crate::LoraDims;
 
 /// Ranks are processed in groups of this many (matrices are zero-padded to a multiple).
@@ -495,37 +496,6 @@ fn pad_cols(u: &[f32], rows: usize, r: usize, rp: usize, out: &mut Vec<f32>) {
     out.resize(rows * rp, 0.0);
     for i in 0..rows {
         out[i * rp..i * rp + r].copy_from_slice(&u[i * r..(i + 1) * r]);
-    }
-}
-
-/// A raw pointer shared by tasks that write disjoint rows.
-#[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
-// SAFETY: each task writes only its own block of rows through it while the `&mut` it came
-// from is borrowed.
-unsafe impl Send for SyncPtr {}
-// SAFETY: as above.
-unsafe impl Sync for SyncPtr {}
-
-impl SyncPtr {
-    /// `len` values from offset `off`.
-    ///
-    /// # Safety
-    /// They exist and no other live reference touches them.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn at<'a>(&self, off: usize, len: usize) -> &'a mut [f32] {
-        // SAFETY: per the contract.
-        unsafe { std::slice::from_raw_parts_mut(self.0.add(off), len) }
-    }
-
-    /// Rows `i0..i0+rows` of a row-major matrix with row stride `ld`.
-    ///
-    /// # Safety
-    /// The rows exist and no other live reference touches them.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn rows<'a>(&self, i0: usize, rows: usize, ld: usize) -> &'a mut [f32] {
-        // SAFETY: per the contract.
-        unsafe { std::slice::from_raw_parts_mut(self.0.add(i0 * ld), rows * ld) }
     }
 }
 

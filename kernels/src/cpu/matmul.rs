@@ -7,6 +7,7 @@ use std::time::Instant;
 use super::checks::{check_linear_backward_input, check_linear_forward, check_matmul};
 pub use super::gemm::Simd;
 use super::gemm::{self, BSrc, GemmCall, gemm};
+use super::lora::skinny_trans_b;
 use super::{Cpu, CpuWeight, WeightSlice, lora};
 use crate::{Gemm, LoraDims};
 
@@ -34,7 +35,12 @@ pub fn linear_forward_with(
 ) {
     let (n, k) = (w.rows, w.cols);
     check_linear_forward(x.len(), y.len(), m, n, k);
-    gemm(simd, &linear_call(x, w, m, n, k, true, accumulate), y);
+    gemm(
+        simd,
+        &linear_call(x, w, m, n, k, true, accumulate),
+        y,
+        skinny_trans_b,
+    );
 }
 
 /// The [`GemmCall`] of a linear op: `C[m,n] (+)= A[m,k] · op(W)` with W `[n,k]` or `[k,n]`
@@ -86,7 +92,12 @@ pub fn linear_backward_input_with(
 ) {
     let (n, k) = (w.rows, w.cols);
     check_linear_backward_input(dy.len(), dx.len(), m, n, k);
-    gemm(simd, &linear_call(dy, w, m, k, n, false, accumulate), dx);
+    gemm(
+        simd,
+        &linear_call(dy, w, m, k, n, false, accumulate),
+        dx,
+        skinny_trans_b,
+    );
 }
 
 /// `C = alpha · op(A) · op(B) + beta · C`, see [`Gemm`].
@@ -120,7 +131,7 @@ pub fn matmul_with(simd: Simd, g: Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
         trans_b,
         ldc: n,
     };
-    gemm(simd, &call, c);
+    gemm(simd, &call, c, skinny_trans_b);
 }
 
 /// `u[m,r] = x·Aᵀ`; `y[m,n] += scale · u·Bᵀ`.

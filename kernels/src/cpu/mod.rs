@@ -9,6 +9,7 @@ pub mod matmul;
 pub mod ops;
 pub mod reference_matmul;
 pub mod reference_ops;
+mod sync_ptr;
 mod weight;
 
 pub use weight::{CpuWeight, WeightSlice};

@@ -12,7 +12,7 @@ mod attention;
 mod scratch;
 mod simd;
 
-pub use simd::{Isa, detected_isa, isa, set_max_isa};
+pub use simd::{Isa, detected_isa, isa, isa_cap, set_max_isa};
 
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;

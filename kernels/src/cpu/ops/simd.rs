@@ -46,17 +46,25 @@ static CAP: AtomicU8 = AtomicU8::new(u8::MAX);
 /// (`generic`, `avx2`, `avx512`) when that names a lower one.
 pub fn detected_isa() -> Isa {
     static DETECTED: OnceLock<Isa> = OnceLock::new();
-    *DETECTED.get_or_init(|| {
-        let hw = hardware_isa();
-        match std::env::var("FEDCDD_CPU_ISA")
+    *DETECTED.get_or_init(|| hardware_isa().min(env_cap()))
+}
+
+/// The `FEDCDD_CPU_ISA` cap (read once; `Isa::Avx512` when unset or not understood).
+fn env_cap() -> Isa {
+    static ENV: OnceLock<Isa> = OnceLock::new();
+    *ENV.get_or_init(|| {
+        std::env::var("FEDCDD_CPU_ISA")
             .ok()
             .as_deref()
             .and_then(Isa::parse)
-        {
-            Some(cap) => hw.min(cap),
-            None => hw,
-        }
+            .unwrap_or(Isa::Avx512)
     })
+}
+
+/// The cap on every fast CPU kernel, whatever the hardware: `FEDCDD_CPU_ISA` and
+/// [`set_max_isa`] together. Kernels with their own feature checks (the GEMM's) honour it.
+pub fn isa_cap() -> Isa {
+    env_cap().min(Isa::from_u8(CAP.load(Ordering::Relaxed)))
 }
 
 fn hardware_isa() -> Isa {
