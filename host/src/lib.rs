@@ -1,20 +1,19 @@
-//! fedcdd host: PEFT adapter IO, client updates (mask + wire format), the server step over
-//! whole adapters, benchmarks and the `fedcdd` command-line tool.
+//! fedcdd host: the LLaMA federated LoRA system around `fedcdd-core` and `fedcdd-kernels`.
+//!
+//! Dependencies point one way: `cli → fl → {client: train/model/kernels; server} → upload →
+//! core`; `report`, `io`, `rng`, `progress` are leaves anything may use. See
+//! docs/architecture.md.
 
-pub mod adapter;
-pub mod aggregate;
 pub mod bench;
-pub mod bench_train;
 pub mod cli;
-pub mod cli_model;
-pub mod corpus;
 pub mod data;
-pub mod example;
+pub mod device;
 pub mod fl;
-pub mod init_model;
-pub mod merge;
+pub mod io;
 pub mod model;
+pub mod progress;
 pub mod report;
-pub mod tokenizer;
+pub mod rng;
+pub mod server;
 pub mod train;
-pub mod update;
+pub mod upload;

@@ -1,16 +1,5 @@
-use std::process::ExitCode;
+//! The `fedcdd` binary; everything is in the library (`fedcdd_host::cli`).
 
-use clap::Parser;
-use fedcdd_host::cli::{Cli, run};
-
-fn main() -> ExitCode {
-    // clap prints usage errors itself and exits with status 2.
-    let cli = Cli::parse();
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+fn main() -> std::process::ExitCode {
+    fedcdd_host::cli::main()
 }

@@ -1,7 +1,7 @@
 //! End-to-end tests of the `fedcdd` command-line tool: every test runs the real binary on
 //! adapters written to a temp directory and checks its output against values computed here,
 //! in plain f64 loops written from `fedcdd-spec.md` (never by calling the code under test;
-//! `fedcdd_host::adapter::read_safetensors` is used only to read files back).
+//! `fedcdd_host::io::read_safetensors` is used only to read files back).
 
 mod cli_util;
 
@@ -10,7 +10,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use cli_util::*;
-use fedcdd_host::adapter::Tensor;
+use fedcdd_host::io::Tensor;
 
 type Adapter = BTreeMap<String, Tensor>;
 

@@ -9,11 +9,11 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use fedcdd_host::corpus::{self, GenCorpusArgs};
+use fedcdd_host::data::corpus::{self, GenCorpusOptions};
+use fedcdd_host::data::tokenizer::{Tokenizer, train_bpe};
 use fedcdd_host::data::{
     Example, IGNORE_INDEX, Record, Turn, load_records, make_batch, tokenize_records, write_jsonl,
 };
-use fedcdd_host::tokenizer::{Tokenizer, train_bpe};
 
 struct TempDir(PathBuf);
 
@@ -720,7 +720,7 @@ fn corpus_is_deterministic_and_domains_differ() {
 #[test]
 fn gen_corpus_writes_loadable_jsonl() {
     let dir = TempDir::new("gen");
-    let args = GenCorpusArgs {
+    let args = GenCorpusOptions {
         domains: vec![s("code"), s("medical")],
         n: 20,
         seed: 4,
@@ -733,7 +733,7 @@ fn gen_corpus_writes_loadable_jsonl() {
         load_records(&dir.join("split").join("code.jsonl")).unwrap(),
         corpus::generate("code", 20, 4)
     );
-    let args = GenCorpusArgs {
+    let args = GenCorpusOptions {
         domains: vec![],
         n: 5,
         seed: 1,
@@ -743,7 +743,7 @@ fn gen_corpus_writes_loadable_jsonl() {
     corpus::gen_corpus(&args).unwrap();
     let all = load_records(&dir.join("nested/all.jsonl")).unwrap();
     assert_eq!(all, corpus::generate_all(5, 1));
-    let bad = GenCorpusArgs {
+    let bad = GenCorpusOptions {
         domains: vec![s("nope")],
         ..args
     };

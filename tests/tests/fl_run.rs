@@ -185,8 +185,7 @@ fn killed_and_resumed_run_equals_uninterrupted_run() {
     }
     // And training really changed the adapter (B starts at zero).
     let (tensors, _) =
-        fedcdd_host::adapter::read_safetensors(&full.join("adapter/adapter_model.safetensors"))
-            .unwrap();
+        fedcdd_host::io::read_safetensors(&full.join("adapter/adapter_model.safetensors")).unwrap();
     assert!(
         tensors
             .iter()
@@ -267,7 +266,7 @@ fn compare_runs_every_algorithm() {
     }
     // Both start from the same seeded init; FedAvg trains A, FFA-LoRA keeps it and trains B.
     let read = |alg: &str| {
-        fedcdd_host::adapter::read_safetensors(
+        fedcdd_host::io::read_safetensors(
             &dir.join("out")
                 .join(format!("{alg}-s0/adapter/adapter_model.safetensors")),
         )
@@ -276,7 +275,7 @@ fn compare_runs_every_algorithm() {
     };
     let ffa = read("ffa-lora");
     let avg = read("fedavg");
-    let a_of = |ts: &[fedcdd_host::adapter::Tensor]| -> Vec<Vec<f32>> {
+    let a_of = |ts: &[fedcdd_host::io::Tensor]| -> Vec<Vec<f32>> {
         ts.iter()
             .filter(|t| t.name.contains("lora_A"))
             .map(|t| t.data.clone())
@@ -447,13 +446,17 @@ fn scaffold_with_sgd_clients_uses_the_spec_control_update() {
         "lr=0.05",
     ])
     .ok();
-    // The checkpoint carries the server control and the sampled clients' controls, finite
-    // and not all zero after two rounds.
-    let (tensors, _) =
-        fedcdd_host::adapter::read_safetensors(&run.join("checkpoint/clients.safetensors"))
-            .unwrap();
-    assert!(tensors.iter().any(|t| t.name.starts_with("control.")));
-    assert!(tensors.iter().any(|t| t.name.starts_with("client")));
-    assert!(tensors.iter().all(|t| t.data.iter().all(|v| v.is_finite())));
-    assert!(tensors.iter().any(|t| t.data.iter().any(|&v| v != 0.0)));
+    // The checkpoint carries the server control (in the server state) and the sampled
+    // clients' controls, finite and not all zero after two rounds.
+    let ckpt = run.join("checkpoint");
+    let (server, _) =
+        fedcdd_host::io::read_safetensors(&ckpt.join("server_state.safetensors")).unwrap();
+    let (clients, _) =
+        fedcdd_host::io::read_safetensors(&ckpt.join("clients.safetensors")).unwrap();
+    assert!(server.iter().any(|t| t.name.starts_with("c/")));
+    assert!(clients.iter().any(|t| t.name.starts_with("client")));
+    for tensors in [&server, &clients] {
+        assert!(tensors.iter().all(|t| t.data.iter().all(|v| v.is_finite())));
+        assert!(tensors.iter().any(|t| t.data.iter().any(|&v| v != 0.0)));
+    }
 }

@@ -15,12 +15,12 @@ use std::path::Path;
 use std::process::Command;
 
 use cli_util::{TempDir, workspace_root};
-use fedcdd_host::adapter::load_adapter;
 use fedcdd_host::data::Batch;
-use fedcdd_host::merge::{MergeArgs, run_merge};
+use fedcdd_host::io::load_adapter;
 use fedcdd_host::model::checkpoint::Checkpoint;
 use fedcdd_host::model::config::LlamaConfig;
 use fedcdd_host::model::llama::{self, Mode, Model, Workspace};
+use fedcdd_host::model::merge::{MergeOptions, merge_adapter};
 use fedcdd_host::train::{OptState, Optimizer, load_lora, save_lora, train_step};
 use fedcdd_kernels::{Backend, Cpu, Sgd};
 use python_util::{PY_ENV, python};
@@ -167,7 +167,7 @@ fn check_variant<B: Backend>(be: &B, variant: &str, dir: &Path) {
         sgd,
         None,
         0,
-        |_, _| {},
+        |_, _| Ok(()),
     )
     .expect("train step runs");
     assert!(rel(stats.loss, torch_loss) < 1e-4);
@@ -230,7 +230,7 @@ fn check_variant<B: Backend>(be: &B, variant: &str, dir: &Path) {
 
     // 4. merged into the base (W + scale·B·A) and exported, transformers alone gives that loss
     let merged_dir = dir.join(format!("merged-{}", be.name().replace(' ', "_")));
-    run_merge(&MergeArgs {
+    merge_adapter(&MergeOptions {
         model: model_dir.clone(),
         adapter: ours_dir.clone(),
         out: merged_dir.clone(),

@@ -8,7 +8,7 @@
 //! evaluates like base + adapter, and every bad input ends with exit status 1, an `error:`
 //! line naming the culprit, no panic and no partially written `--out`. Files the tests read
 //! back (config, safetensors headers, logs, JSON reports) are parsed here by hand or with
-//! serde_json; `fedcdd_host::adapter::read_safetensors` is used only to read adapters back.
+//! serde_json; `fedcdd_host::io::read_safetensors` is used only to read adapters back.
 
 mod cli_util;
 

@@ -17,13 +17,13 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use fedcdd_host::init_model::{InitModelArgs, Preset, build_model};
+use fedcdd_host::data::tokenizer::{Tokenizer, train_bpe};
 use fedcdd_host::model::checkpoint::{
     Checkpoint, INDEX_FILE, MODEL_FILE, TensorData, TensorToWrite, WeightDType, WriteOptions,
     parse_size, write_checkpoint,
 };
 use fedcdd_host::model::config::{LlamaConfig, RopeScaling};
-use fedcdd_host::tokenizer::{Tokenizer, train_bpe};
+use fedcdd_host::model::init::{InitModelOptions, Preset, build_model};
 use half::{bf16, f16};
 use serde_json::{Value, json};
 
@@ -1100,9 +1100,9 @@ fn parse_size_accepts_hf_spellings() {
 // ---------------------------------------------------------------------------------------------
 
 fn corpus_texts() -> Vec<String> {
-    fedcdd_host::corpus::generate_all(300, 0)
+    fedcdd_host::data::corpus::generate_all(300, 0)
         .iter()
-        .map(fedcdd_host::corpus::record_texts)
+        .map(fedcdd_host::data::corpus::record_texts)
         .collect()
 }
 
@@ -1130,7 +1130,7 @@ fn tiny_model() -> &'static Path {
         let dir = tmp.join(format!("{prefix}{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         let t = Instant::now();
-        let s = build_model(&InitModelArgs::new(Preset::Tiny, &dir)).unwrap();
+        let s = build_model(&InitModelOptions::new(Preset::Tiny, &dir)).unwrap();
         println!(
             "init-model tiny: {:.2} s (tokenizer training {:.2} s), {} parameters",
             t.elapsed().as_secs_f64(),
@@ -1354,9 +1354,9 @@ fn init_model_tiny_writes_a_complete_directory() {
 fn init_model_is_deterministic_and_refuses_to_overwrite() {
     let a = TempDir::new("init-a");
     let out = a.join("m");
-    let mut args = InitModelArgs::new(Preset::Tiny, &out);
+    let mut args = InitModelOptions::new(Preset::Tiny, &out);
     args.seed = 7;
-    args.dtype = Some(fedcdd_host::init_model::DTypeArg::Bf16);
+    args.dtype = Some(fedcdd_kernels::WeightDType::Bf16);
     build_model(&args).unwrap();
     let first = fs::read(out.join(MODEL_FILE)).unwrap();
     let tok_first = fs::read(out.join("tokenizer.json")).unwrap();
@@ -1391,14 +1391,14 @@ fn init_model_is_deterministic_and_refuses_to_overwrite() {
     // the output path is a file
     let file = a.join("file");
     fs::write(&file, b"x").unwrap();
-    let e = msg(&build_model(&InitModelArgs::new(Preset::Tiny, &file)).unwrap_err());
+    let e = msg(&build_model(&InitModelOptions::new(Preset::Tiny, &file)).unwrap_err());
     assert!(e.contains("not a directory"), "{e}");
 }
 
 #[test]
 fn init_model_sharded_equals_single() {
     let a = TempDir::new("init-shard");
-    let mut args = InitModelArgs::new(Preset::Tiny, a.join("sharded"));
+    let mut args = InitModelOptions::new(Preset::Tiny, a.join("sharded"));
     args.max_shard_size = 4_000_000;
     let s = build_model(&args).unwrap();
     assert!(a.join("sharded").join(INDEX_FILE).is_file());
@@ -1422,7 +1422,7 @@ fn init_model_sharded_equals_single() {
 
 #[test]
 fn random_init_does_not_depend_on_chunking() {
-    use fedcdd_host::init_model::{fill_normal, tensor_key};
+    use fedcdd_host::model::init::{fill_normal, tensor_key};
     let key = tensor_key(5, "model.layers.0.mlp.up_proj.weight");
     let n = 50_001;
     let mut whole = vec![0f32; n];
@@ -1462,7 +1462,7 @@ fn random_init_does_not_depend_on_chunking() {
 fn init_model_small_and_tinyllama_real_shapes() {
     let a = TempDir::new("init-tinyllama");
     let t = Instant::now();
-    let s = build_model(&InitModelArgs::new(Preset::Small, a.join("small"))).unwrap();
+    let s = build_model(&InitModelOptions::new(Preset::Small, a.join("small"))).unwrap();
     println!(
         "init-model small: {:.1} s (tokenizer {:.1} s)",
         t.elapsed().as_secs_f64(),
@@ -1477,7 +1477,7 @@ fn init_model_small_and_tinyllama_real_shapes() {
         4096
     );
     let t = Instant::now();
-    let s = build_model(&InitModelArgs::new(Preset::TinyLlama1_1b, a.join("m"))).unwrap();
+    let s = build_model(&InitModelOptions::new(Preset::TinyLlama1_1b, a.join("m"))).unwrap();
     println!(
         "init-model tinyllama-1.1b: {:.1} s",
         t.elapsed().as_secs_f64()
@@ -1509,12 +1509,12 @@ fn transformers_loads_init_model_directories() {
     let single = tiny_model().to_path_buf();
     // sharded f32, and a bf16 copy
     let sharded = work.join("sharded");
-    let mut args = InitModelArgs::new(Preset::Tiny, &sharded);
+    let mut args = InitModelOptions::new(Preset::Tiny, &sharded);
     args.max_shard_size = 3_000_000;
     build_model(&args).unwrap();
     let bf = work.join("bf16");
-    let mut args = InitModelArgs::new(Preset::Tiny, &bf);
-    args.dtype = Some(fedcdd_host::init_model::DTypeArg::Bf16);
+    let mut args = InitModelOptions::new(Preset::Tiny, &bf);
+    args.dtype = Some(fedcdd_kernels::WeightDType::Bf16);
     build_model(&args).unwrap();
     // a tied-embedding variant written through the library: tiny config with tied weights
     let tied = work.join("tied");
@@ -1550,9 +1550,9 @@ fn transformers_loads_init_model_directories() {
     let tok = Tokenizer::load(&single).unwrap();
     let mut texts: Vec<String> = SAMPLE_TEXTS.iter().map(|s| s.to_string()).collect();
     texts.extend(
-        fedcdd_host::corpus::generate_all(4, 99)
+        fedcdd_host::data::corpus::generate_all(4, 99)
             .iter()
-            .map(fedcdd_host::corpus::record_texts),
+            .map(fedcdd_host::data::corpus::record_texts),
     );
     let ids: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t, true).unwrap()).collect();
     let ids_plain: Vec<Vec<u32>> = texts

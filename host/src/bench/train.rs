@@ -239,7 +239,7 @@ pub fn run_train_bench(a: &TrainBenchOptions) -> Result<String> {
     }
     if let (Some(anon), Some(file)) = (anon, file) {
         writeln!(
-        out,
+            out,
             "resident now   {:.1} MiB private + {:.1} MiB file-backed (the mapped checkpoint)",
             mib(anon),
             mib(file)
@@ -247,7 +247,7 @@ pub fn run_train_bench(a: &TrainBenchOptions) -> Result<String> {
     }
     if let Some(t) = torch {
         writeln!(
-        out,
+            out,
             "PyTorch+PEFT   {t:.0} tokens/s (f32 eager, same model and shapes) -> fedcdd is {:.2}x",
             tps_median / t
         )?;

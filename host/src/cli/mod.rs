@@ -64,6 +64,18 @@ pub enum Command {
     Bench(bench::BenchCommand),
 }
 
+/// The `fedcdd` program: parses the command line (clap prints usage errors itself and
+/// exits with status 2), runs it, and reports an error on stderr with status 1.
+pub fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs one parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {

@@ -351,7 +351,12 @@ impl TrainArgs {
             OptimizerArg::Adamw => OptimizerKind::AdamW,
             OptimizerArg::Sgd => OptimizerKind::Sgd,
         };
-        Ok(Optimizer::new(kind, self.lr, self.weight_decay, self.momentum))
+        Ok(Optimizer::new(
+            kind,
+            self.lr,
+            self.weight_decay,
+            self.momentum,
+        ))
     }
 
     /// The job this command runs.

@@ -54,7 +54,6 @@ fn stream(seed: u64, name: &str) -> Rng {
     Rng::new(seed ^ fnv1a(name.as_bytes()).rotate_left(23))
 }
 
-
 /// Which split an item (its instruction) belongs to, for a benchmark seed.
 fn is_held_out(seed: u64, instruction: &str) -> bool {
     mix(fnv1a(instruction.as_bytes()) ^ seed.wrapping_mul(0xD2B7_4407_B1CE_6E93))

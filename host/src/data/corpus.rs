@@ -699,7 +699,10 @@ pub fn record_texts(r: &Record) -> String {
             input,
             output,
             ..
-        } => format!("{}{output}", super::formats::alpaca_prompt(instruction, input)),
+        } => format!(
+            "{}{output}",
+            super::formats::alpaca_prompt(instruction, input)
+        ),
         Record::ShareGpt { system, turns, .. } => turns
             .iter()
             .enumerate()

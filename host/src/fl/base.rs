@@ -11,20 +11,21 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use fedcdd_kernels::{AdamW, Cpu, RopeScaling, WeightDType};
+use fedcdd_kernels::{AdamW, RopeScaling, WeightDType};
 
-use crate::cli_model::Progress;
-use crate::data::{Record, tokenize_records};
-use crate::init_model::write_model_dir;
-use crate::merge::merge_lora_into;
+use crate::data::builtin;
+use crate::data::tokenizer::train_bpe;
+use crate::data::{Record, Tokenizer, tokenize_records};
+use crate::io::write_atomic;
 use crate::model::checkpoint::{Checkpoint, torch_dtype_name};
 use crate::model::config::LlamaConfig;
+use crate::model::init::{INIT_STD, Preset, write_model_dir};
 use crate::model::llama::{Lora, Model};
 use crate::model::lora::{LoraConfig, Proj};
-use crate::tokenizer::{Tokenizer, train_bpe};
+use crate::model::merge::merge_lora_into;
+use crate::progress::Progress;
+use crate::rng::fnv1a;
 use crate::train::{Optimizer, TrainOptions, train};
-
-use super::builtin;
 
 /// The LM head is never trained (LoRA covers the projections only) and the final RMSNorm
 /// bounds the hidden state, so the head's scale caps the logit margin: with HF's 0.02 the best
@@ -79,15 +80,15 @@ impl BaseRecipe {
     /// A short stable hash of the recipe (the cache key).
     pub fn key(&self) -> String {
         let text = serde_json::to_string(self).unwrap_or_default();
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in text.bytes() {
-            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-        }
-        format!("builtin-base-v{}-{:016x}", self.version, h)
+        format!(
+            "builtin-base-v{}-{:016x}",
+            self.version,
+            fnv1a(text.as_bytes())
+        )
     }
 
     fn config(&self, vocab: usize) -> LlamaConfig {
-        let mut c = crate::init_model::Preset::Tiny.config();
+        let mut c = Preset::Tiny.config();
         c.vocab_size = vocab;
         c.hidden_size = self.hidden;
         c.intermediate_size = self.intermediate;
@@ -189,13 +190,13 @@ pub fn build_base(
             if name == "lm_head.weight" {
                 recipe.lm_head_std
             } else {
-                crate::init_model::INIT_STD
+                INIT_STD
             }
         },
         &mut |_, _| {},
     )?;
 
-    let be = Cpu::new(threads).map_err(|e| anyhow::anyhow!("cannot start the CPU backend: {e}"))?;
+    let be = crate::device::cpu(threads)?;
     let ckpt = Checkpoint::open(&init)?;
     let model = Model::load(&be, config.clone(), &ckpt)?;
     let tokenizer = Tokenizer::load(&init)?;
@@ -280,7 +281,7 @@ pub fn build_base(
     });
     let mut text = serde_json::to_vec_pretty(&summary)?;
     text.push(b'\n');
-    crate::adapter::write_atomic(&out.join("pretrain.json"), &text)?;
+    write_atomic(&out.join("pretrain.json"), &text)?;
     log(&format!(
         "base model pre-trained in {secs:.0} s: {} steps, loss {first:.3} -> {last:.3}",
         history.len()

@@ -1,31 +1,37 @@
 //! The run configuration: one flat TOML table (every key optional), `--set key=value`
 //! overrides on top, validated once; the resolved table is saved with the run.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use anyhow::{Context, Result, bail};
 use fedcdd_core::{
-    Algorithm, FedCddConfig, FedOptVariant, Importance, MaskConfig, NormAxis, ServerOpt,
-    ServerOptConfig, Target,
+    Algorithm, DType, FedOptVariant, Importance, MaskConfig, NormAxis, ServerOpt, Target, Weighting,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::aggregate::AggregateOptions;
+use crate::device::Device;
 use crate::model::lora::{LoraConfig, parse_targets};
+use crate::server::{ServerOptions, ServerSettings};
+use crate::train::OptimizerKind;
 
-/// Every setting of a federated run. Names are the TOML keys.
+/// Every setting of a federated run. Names are the TOML keys; every value is parsed and
+/// validated once, at load, and written back as the same text.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RunConfig {
     /// fedavg, fedprox, scaffold, fedavgm, fedadagrad, fedyogi, fedadam, ffa-lora,
     /// fedsa-lora, flora, fedcdd.
-    pub algorithm: String,
+    #[serde(with = "named")]
+    pub algorithm: Algorithm,
     /// Seeds client sampling, data order, dropout, masks, LoRA init and the built-in data.
     pub seed: u64,
     /// CPU threads (0 = one per core).
     pub threads: usize,
-    /// `cpu`; `cuda` is not wired into the federated runner yet (an error says so).
-    pub device: String,
+    /// `cpu`; `cuda` is not verified on a GPU yet (an error says so).
+    #[serde(with = "named")]
+    pub device: Device,
     /// `builtin` (the built-in base model) or an HF LLaMA model directory.
     pub model: String,
     /// `builtin` (the built-in benchmark) or a JSONL/JSON file of records with a `domain`
@@ -37,7 +43,8 @@ pub struct RunConfig {
     /// Held-out records with a domain field (required with your own `data`).
     pub eval_data: String,
     /// `domain` (each client one domain), `iid`, or `dirichlet:α` over domains.
-    pub partition: String,
+    #[serde(with = "named")]
+    pub partition: Partition,
     pub num_clients: usize,
     /// Clients sampled per round (seeded by seed and round).
     pub sample_clients: usize,
@@ -54,7 +61,8 @@ pub struct RunConfig {
     pub lr: f32,
     pub lr_min: f32,
     /// `adamw` or `sgd`.
-    pub optimizer: String,
+    #[serde(with = "named")]
+    pub optimizer: OptimizerKind,
     pub weight_decay: f32,
     /// Global gradient-norm clip (0 = off).
     pub max_grad_norm: f32,
@@ -68,9 +76,11 @@ pub struct RunConfig {
     /// Upload mask ρ (1 = off) and η; `column_l2` or `element_abs`.
     pub keep_ratio: f32,
     pub noise_scale: f32,
-    pub importance: String,
+    #[serde(with = "named")]
+    pub importance: Importance,
     /// `f32`, `f16` or `bf16` values in uploads.
-    pub upload_dtype: String,
+    #[serde(with = "named")]
+    pub upload_dtype: DType,
     /// Server rate λ/η. Default per rule: 1 (FedAvg, FedCDD, SCAFFOLD, ...), 0.3 for
     /// FedAvgM, 0.01 for FedAdagrad/FedYogi/FedAdam (tuned on the built-in benchmark; the
     /// spec's 1e-3 is `fedcdd aggregate`'s default).
@@ -79,11 +89,15 @@ pub struct RunConfig {
     pub server_beta2: f32,
     pub server_tau: f32,
     /// `reddi` or `openfedllm`.
-    pub fedopt_variant: String,
+    #[serde(with = "named")]
+    pub fedopt_variant: FedOptVariant,
     /// FedCDD switches (see the spec).
-    pub norm_axis: String,
-    pub target: String,
-    pub weighting: String,
+    #[serde(with = "named")]
+    pub norm_axis: NormAxis,
+    #[serde(with = "named")]
+    pub target: Target,
+    #[serde(with = "named")]
+    pub weighting: Weighting,
     pub renormalize: bool,
     /// Evaluate the global model every this many rounds (and after the last).
     pub eval_every: usize,
@@ -91,7 +105,8 @@ pub struct RunConfig {
     /// as many held-out records per domain).
     pub eval_questions: usize,
     /// Reference points: `centralized`, `local-only`.
-    pub references: Vec<String>,
+    #[serde(with = "named_list")]
+    pub references: Vec<Reference>,
     /// Built-in benchmark: training items per domain.
     pub builtin_train_items: usize,
 }
@@ -99,15 +114,15 @@ pub struct RunConfig {
 impl Default for RunConfig {
     fn default() -> Self {
         RunConfig {
-            algorithm: "fedcdd".into(),
+            algorithm: Algorithm::FedCdd,
             seed: 0,
             threads: 0,
-            device: "cpu".into(),
+            device: Device::Cpu,
             model: "builtin".into(),
             data: "builtin".into(),
             client_data: Vec::new(),
             eval_data: String::new(),
-            partition: "domain".into(),
+            partition: Partition::Domain,
             num_clients: 4,
             sample_clients: 4,
             rounds: 10,
@@ -117,7 +132,7 @@ impl Default for RunConfig {
             seq: 64,
             lr: 3e-3,
             lr_min: 3e-4,
-            optimizer: "adamw".into(),
+            optimizer: OptimizerKind::AdamW,
             weight_decay: 0.0,
             max_grad_norm: 1.0,
             lora_r: 8,
@@ -128,20 +143,20 @@ impl Default for RunConfig {
             fedprox_mu: 0.01,
             keep_ratio: 0.5,
             noise_scale: 0.1,
-            importance: "column_l2".into(),
-            upload_dtype: "f32".into(),
+            importance: Importance::ColumnL2,
+            upload_dtype: DType::F32,
             server_lr: None,
             server_beta1: 0.9,
             server_beta2: 0.99,
             server_tau: 1e-3,
-            fedopt_variant: "reddi".into(),
-            norm_axis: "column".into(),
-            target: "delta".into(),
-            weighting: "p_relu".into(),
+            fedopt_variant: FedOptVariant::Reddi,
+            norm_axis: NormAxis::Column,
+            target: Target::Delta,
+            weighting: Weighting::PRelu,
             renormalize: true,
             eval_every: 1,
             eval_questions: 40,
-            references: vec!["centralized".into()],
+            references: vec![Reference::Centralized],
             builtin_train_items: 2000,
         }
     }
@@ -183,23 +198,13 @@ impl RunConfig {
         });
         let cfg: RunConfig = toml::Value::Table(table)
             .try_into()
-            .map_err(|e: toml::de::Error| anyhow::anyhow!("{origin}: {}", e.message()))?;
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("{origin}: {}", with_key(&e)))?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     pub fn to_toml(&self) -> Result<String> {
         toml::to_string(self).context("cannot write the config as TOML")
-    }
-
-    pub fn algorithm(&self) -> Result<Algorithm> {
-        Algorithm::from_name(&self.algorithm).with_context(|| {
-            format!(
-                "unknown algorithm {:?}; expected one of {}",
-                self.algorithm,
-                Algorithm::ALL.map(|a| a.name()).join(", ")
-            )
-        })
     }
 
     pub fn builtin_model(&self) -> bool {
@@ -240,87 +245,45 @@ impl RunConfig {
         let m = MaskConfig {
             keep_ratio: self.keep_ratio,
             noise_scale: self.noise_scale,
-            importance: match self.importance.as_str() {
-                "column_l2" => Importance::ColumnL2,
-                "element_abs" => Importance::ElementAbs,
-                o => bail!("importance {o:?}: expected column_l2 or element_abs"),
-            },
+            importance: self.importance,
         };
         m.validate().map_err(|e| anyhow::anyhow!("mask: {e}"))?;
         Ok(m)
     }
 
-    pub fn upload_dtype(&self) -> Result<fedcdd_core::DType> {
-        Ok(match self.upload_dtype.as_str() {
-            "f32" => fedcdd_core::DType::F32,
-            "f16" => fedcdd_core::DType::F16,
-            "bf16" => fedcdd_core::DType::BF16,
-            o => bail!("upload_dtype {o:?}: expected f32, f16 or bf16"),
-        })
+    /// The server settings, with the runner's server-rate defaults where `server_lr` is unset
+    /// (tuned on the built-in benchmark, 10 rounds, one seed: the spec's η = 1e-3 barely
+    /// moves a LoRA adapter in 10 rounds, 0 % accuracy, and FedAvgM's λ = 1 with β = 0.9
+    /// overshoots, 6.5 %).
+    pub fn server_settings(&self) -> ServerSettings {
+        let tuned = match self.algorithm.server_opt() {
+            Some(ServerOpt::FedAvgM) => Some(0.3),
+            Some(ServerOpt::FedAdagrad | ServerOpt::FedYogi | ServerOpt::FedAdam) => Some(0.01),
+            _ => None,
+        };
+        ServerSettings {
+            server_lr: self.server_lr.or(tuned),
+            beta1: self.server_beta1,
+            beta2: self.server_beta2,
+            tau: self.server_tau,
+            variant: self.fedopt_variant,
+            norm_axis: self.norm_axis,
+            target: self.target,
+            weighting: self.weighting,
+            renormalize: self.renormalize,
+        }
     }
 
-    /// The server rule's options, as `fedcdd aggregate` builds them.
-    pub fn aggregate_options(&self) -> Result<AggregateOptions> {
-        let algorithm = self.algorithm()?;
-        let rule = algorithm.server_opt().unwrap_or(ServerOpt::FedAvg);
-        let mut opt = ServerOptConfig::defaults(rule);
-        opt.beta1 = self.server_beta1;
-        opt.beta2 = self.server_beta2;
-        opt.tau = self.server_tau;
-        opt.variant = match self.fedopt_variant.as_str() {
-            "reddi" => FedOptVariant::Reddi,
-            "openfedllm" => FedOptVariant::OpenFedLlm,
-            o => bail!("fedopt_variant {o:?}: expected reddi or openfedllm"),
-        };
-        opt.server_lr = match (self.server_lr, rule) {
-            (Some(lr), _) => lr,
-            // Runner defaults, tuned on the built-in benchmark (10 rounds, one seed): the
-            // spec's η = 1e-3 barely moves a LoRA adapter in 10 rounds (0 % accuracy), and
-            // FedAvgM's λ = 1 with β = 0.9 overshoots (6.5 %).
-            (None, ServerOpt::FedAvgM) => 0.3,
-            (None, ServerOpt::FedAdagrad | ServerOpt::FedYogi | ServerOpt::FedAdam) => 0.01,
-            (None, _) => opt.server_lr,
-        };
-        let fedcdd = FedCddConfig {
-            norm_axis: match self.norm_axis.as_str() {
-                "column" => NormAxis::Column,
-                "row" => NormAxis::Row,
-                "rank" => NormAxis::Rank,
-                o => bail!("norm_axis {o:?}: expected column, row or rank"),
-            },
-            target: match self.target.as_str() {
-                "delta" => Target::Delta,
-                "weights" => Target::Weights,
-                o => bail!("target {o:?}: expected delta or weights"),
-            },
-            weighting: crate::cli::parse_weighting(&self.weighting)
-                .map_err(|e| anyhow::anyhow!("weighting {:?}: {e}", self.weighting))?,
-            renormalize: self.renormalize,
-            server_lr: self.server_lr.unwrap_or(1.0),
-        };
-        fedcdd.validate()?;
-        opt.validate()?;
-        Ok(AggregateOptions {
-            algorithm,
-            fedcdd,
-            opt,
-            progress: false,
-        })
+    /// The validated server options of this run's algorithm.
+    pub fn server_options(&self) -> Result<ServerOptions> {
+        self.server_settings().options(self.algorithm, false)
     }
 
     /// Checks every setting once, with messages that name the key.
     pub fn validate(&self) -> Result<()> {
-        match self.device.as_str() {
-            "cpu" => {}
-            "cuda" => crate::cli_model::cuda_unavailable()?,
-            o => bail!("device {o:?}: expected cpu or cuda"),
-        }
-        self.algorithm()?;
         self.lora()?;
         self.mask()?;
-        self.upload_dtype()?;
-        self.aggregate_options()?;
-        self.partition_kind()?;
+        self.server_options()?;
         let positive = [
             ("num_clients", self.num_clients),
             ("sample_clients", self.sample_clients),
@@ -358,14 +321,6 @@ impl RunConfig {
         if !(self.fedprox_mu >= 0.0 && self.fedprox_mu.is_finite()) {
             bail!("fedprox_mu must be >= 0");
         }
-        if !matches!(self.optimizer.as_str(), "adamw" | "sgd") {
-            bail!("optimizer {:?}: expected adamw or sgd", self.optimizer);
-        }
-        for r in &self.references {
-            if !matches!(r.as_str(), "centralized" | "local-only") {
-                bail!("reference {r:?}: expected centralized or local-only");
-            }
-        }
         if !self.builtin_data() && !self.builtin_model() && self.eval_data.is_empty() {
             bail!("with your own data, give eval_data (held-out records with a domain field)");
         }
@@ -380,18 +335,6 @@ impl RunConfig {
         Ok(())
     }
 
-    pub fn partition_kind(&self) -> Result<Partition> {
-        let p = self.partition.as_str();
-        Ok(match p {
-            "domain" => Partition::Domain,
-            "iid" => Partition::Iid,
-            _ => match p.strip_prefix("dirichlet:").map(str::parse::<f64>) {
-                Some(Ok(a)) if a > 0.0 && a.is_finite() => Partition::Dirichlet(a),
-                _ => bail!("partition {p:?}: expected domain, iid or dirichlet:ALPHA (ALPHA > 0)"),
-            },
-        })
-    }
-
     /// The model directory: the cached built-in base, or the given path.
     pub fn model_path(&self) -> Option<PathBuf> {
         (!self.builtin_model()).then(|| PathBuf::from(&self.model))
@@ -404,6 +347,201 @@ pub enum Partition {
     Domain,
     Iid,
     Dirichlet(f64),
+}
+
+impl FromStr for Partition {
+    type Err = String;
+    fn from_str(p: &str) -> Result<Self, String> {
+        Ok(match p {
+            "domain" => Partition::Domain,
+            "iid" => Partition::Iid,
+            _ => match p.strip_prefix("dirichlet:").map(str::parse::<f64>) {
+                Some(Ok(a)) if a > 0.0 && a.is_finite() => Partition::Dirichlet(a),
+                _ => {
+                    return Err(format!(
+                        "partition {p:?}: expected domain, iid or dirichlet:ALPHA (ALPHA > 0)"
+                    ));
+                }
+            },
+        })
+    }
+}
+
+impl fmt::Display for Partition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Partition::Domain => f.write_str("domain"),
+            Partition::Iid => f.write_str("iid"),
+            Partition::Dirichlet(a) => write!(f, "dirichlet:{a}"),
+        }
+    }
+}
+
+/// A reference point of the protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Reference {
+    /// Every client's data pooled, the federated run's token budget.
+    Centralized,
+    /// Each client alone; the mean over clients.
+    LocalOnly,
+}
+
+impl Reference {
+    pub fn name(self) -> &'static str {
+        match self {
+            Reference::Centralized => "centralized",
+            Reference::LocalOnly => "local-only",
+        }
+    }
+}
+
+impl FromStr for Reference {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "centralized" => Ok(Reference::Centralized),
+            "local-only" => Ok(Reference::LocalOnly),
+            o => Err(format!(
+                "reference {o:?}: expected centralized or local-only"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Reference {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The config's string-valued enums, read and written through `FromStr` / `Display`. (The
+/// core's types carry `name`/`from_name`; these wrappers give them the trait form.)
+pub trait ConfigValue: Sized {
+    fn parse_value(s: &str) -> Result<Self, String>;
+    fn value_text(&self) -> String;
+}
+
+macro_rules! config_value_by_trait {
+    ($($t:ty),*) => {$(
+        impl ConfigValue for $t {
+            fn parse_value(s: &str) -> Result<Self, String> {
+                s.parse()
+            }
+            fn value_text(&self) -> String {
+                self.to_string()
+            }
+        }
+    )*};
+}
+config_value_by_trait!(Partition, Reference, Device, OptimizerKind);
+
+macro_rules! config_value_by_name {
+    ($($t:ty => $key:literal),*) => {$(
+        impl ConfigValue for $t {
+            fn parse_value(s: &str) -> Result<Self, String> {
+                <$t>::from_name(s).ok_or_else(|| {
+                    let all: Vec<&str> = <$t>::ALL.iter().map(|v| v.name()).collect();
+                    format!("{} {s:?}: expected one of {}", $key, all.join(", "))
+                })
+            }
+            fn value_text(&self) -> String {
+                self.name().to_string()
+            }
+        }
+    )*};
+}
+config_value_by_name!(
+    Importance => "importance",
+    FedOptVariant => "fedopt_variant",
+    NormAxis => "norm_axis",
+    Target => "target"
+);
+
+impl ConfigValue for Algorithm {
+    fn parse_value(s: &str) -> Result<Self, String> {
+        Algorithm::from_name(s).ok_or_else(|| {
+            format!(
+                "unknown algorithm {s:?}; expected one of {}",
+                Algorithm::ALL.map(|a| a.name()).join(", ")
+            )
+        })
+    }
+    fn value_text(&self) -> String {
+        self.name().to_string()
+    }
+}
+
+impl ConfigValue for DType {
+    fn parse_value(s: &str) -> Result<Self, String> {
+        DType::from_name(s).ok_or_else(|| format!("upload_dtype {s:?}: expected f32, f16 or bf16"))
+    }
+    fn value_text(&self) -> String {
+        self.short_name().to_string()
+    }
+}
+
+impl ConfigValue for Weighting {
+    fn parse_value(s: &str) -> Result<Self, String> {
+        Weighting::parse(s).map_err(|e| format!("weighting {s:?}: {e}"))
+    }
+    fn value_text(&self) -> String {
+        self.to_string()
+    }
+}
+
+/// serde for one [`ConfigValue`] as a string.
+mod named {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    use super::ConfigValue;
+
+    pub fn serialize<T: ConfigValue, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&v.value_text())
+    }
+
+    pub fn deserialize<'de, T: ConfigValue, D: Deserializer<'de>>(d: D) -> Result<T, D::Error> {
+        let s = String::deserialize(d)?;
+        T::parse_value(&s).map_err(D::Error::custom)
+    }
+}
+
+/// serde for a list of [`ConfigValue`]s as strings.
+mod named_list {
+    use serde::ser::SerializeSeq;
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    use super::ConfigValue;
+
+    pub fn serialize<T: ConfigValue, S: Serializer>(v: &[T], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(v.len()))?;
+        for x in v {
+            seq.serialize_element(&x.value_text())?;
+        }
+        seq.end()
+    }
+
+    pub fn deserialize<'de, T: ConfigValue, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<T>, D::Error> {
+        let items = Vec::<String>::deserialize(d)?;
+        items
+            .iter()
+            .map(|s| T::parse_value(s).map_err(D::Error::custom))
+            .collect()
+    }
+}
+
+/// A TOML error as one line that names the key: `key: message`.
+fn with_key(e: &toml::de::Error) -> String {
+    let text = e.to_string();
+    let key = text
+        .lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix("in `")?.strip_suffix('`'));
+    match key {
+        Some(k) if !e.message().contains(k) => format!("{k}: {}", e.message()),
+        _ => e.message().to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -426,7 +564,7 @@ mod tests {
     #[test]
     fn sets_override_and_unknown_keys_fail() {
         let c = RunConfig::load(None, &["rounds=3".into(), "algorithm=fedavg".into()]).unwrap();
-        assert_eq!((c.rounds, c.algorithm.as_str()), (3, "fedavg"));
+        assert_eq!((c.rounds, c.algorithm), (3, Algorithm::FedAvg));
         let e = RunConfig::load(None, &["roundz=3".into()]).unwrap_err();
         assert!(format!("{e:#}").contains("roundz"), "{e:#}");
         // The resolved TOML reads back to the same config.

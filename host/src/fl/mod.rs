@@ -1,11 +1,21 @@
-//! Federated fine-tuning: the built-in benchmark and base model, clients, rounds, the
-//! client-side parts of every algorithm (the server rule is always `fedcdd-core`'s).
+//! Federated fine-tuning: the typed run configuration, clients and their data, the strategy
+//! layer (every algorithm's client and server parts), the rounds, reference points, and the
+//! built-in benchmark's base model.
 
 pub mod base;
-pub mod builtin;
-pub mod cli;
+pub mod client;
 pub mod config;
-pub mod eval;
-pub mod rng;
+pub mod evaluate;
+pub mod live;
+pub mod references;
+pub mod run;
 pub mod runner;
+pub mod scores;
+pub mod seeds;
+pub mod session;
 pub mod setup;
+pub mod strategy;
+
+pub use config::{Partition, Reference, RunConfig};
+pub use run::{compare, default_run_dir, run_one, run_with, strategy_for};
+pub use runner::STOP;

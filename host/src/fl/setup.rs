@@ -3,29 +3,51 @@
 //! evaluation sets.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use fedcdd_kernels::Cpu;
+use fedcdd_kernels::Backend;
 
-use crate::cli_model::trainable_examples;
-use crate::data::{Example, Record, load_records, tokenize_records};
+use crate::data::builtin::{self, Split};
+use crate::data::{Example, Record, Tokenizer, load_records, tokenize_records, trainable_examples};
 use crate::model::config::LlamaConfig;
-use crate::tokenizer::Tokenizer;
+use crate::rng::Rng;
 
 use super::base::{BaseRecipe, cache_root, ensure_base};
-use super::builtin::{self, Split};
 use super::config::{Partition, RunConfig};
-use super::eval::eval_set;
-use super::rng::Rng;
-use super::runner::{Client, Setup, stream_seed};
+use super::evaluate::{EvalSet, eval_set};
+use super::seeds::{SEED_PARTITION, stream_seed};
+
+/// One client's local data.
+pub struct Client {
+    pub id: usize,
+    /// The domains it holds, for reports (`arithmetic`, `arithmetic+facts`, a file name).
+    pub label: String,
+    pub examples: Vec<Example>,
+}
+
+/// What stays fixed during a run: configuration, backend, tokenizer, data, evaluation sets.
+pub struct Setup<B: Backend> {
+    pub cfg: RunConfig,
+    pub be: B,
+    /// The base model directory the run starts from.
+    pub base_dir: PathBuf,
+    pub model_config: LlamaConfig,
+    pub tok: Tokenizer,
+    pub clients: Vec<Client>,
+    pub eval_sets: Vec<EvalSet>,
+    pub domains: Vec<String>,
+}
 
 /// Records of one domain (or one client's file).
 type Group = (String, Vec<Record>);
 
-/// Builds everything a run needs; `log` gets one-line messages.
-pub fn build_setup(cfg: &RunConfig, log: &mut dyn FnMut(&str)) -> Result<Setup> {
-    let be = Cpu::new(cfg.threads).map_err(|e| anyhow::anyhow!("{e}"))?;
+/// Builds everything a run needs on backend `be`; `log` gets one-line messages.
+pub fn build_setup<B: Backend>(
+    cfg: &RunConfig,
+    be: B,
+    log: &mut dyn FnMut(&str),
+) -> Result<Setup<B>> {
     let base_dir = match cfg.model_path() {
         Some(p) => p,
         None => ensure_base(&cache_root(), &BaseRecipe::default(), cfg.threads, log)?,
@@ -117,7 +139,7 @@ pub fn build_setup(cfg: &RunConfig, log: &mut dyn FnMut(&str)) -> Result<Setup> 
         bail!(
             "clients {empty:?} got no training data under partition {:?}; use fewer clients \
              or more data",
-            cfg.partition
+            cfg.partition.to_string()
         );
     }
     Ok(Setup {
@@ -160,7 +182,7 @@ fn group_by_domain(records: &[Record], origin: &str) -> Result<Vec<Group>> {
 /// Splits each domain's examples among `num_clients` clients.
 pub fn partition(cfg: &RunConfig, per_domain: Vec<(String, Vec<Example>)>) -> Result<Vec<Client>> {
     let n = cfg.num_clients;
-    let mut rng = Rng::new(stream_seed(cfg.seed, 7, 0, 0));
+    let mut rng = Rng::new(stream_seed(cfg.seed, SEED_PARTITION, 0, 0));
     let mut buckets: Vec<(Vec<String>, Vec<Example>)> = vec![(Vec::new(), Vec::new()); n];
     let give = |b: &mut (Vec<String>, Vec<Example>), d: &str, ex: &[Example]| {
         if !ex.is_empty() && !b.0.iter().any(|x| x == d) {
@@ -168,7 +190,7 @@ pub fn partition(cfg: &RunConfig, per_domain: Vec<(String, Vec<Example>)>) -> Re
         }
         b.1.extend_from_slice(ex);
     };
-    match cfg.partition_kind()? {
+    match cfg.partition {
         Partition::Domain => {
             // Client k holds domain k mod D; a domain's data is shared by its clients. With
             // fewer clients than domains, client k holds every domain d with d mod n = k.
@@ -259,7 +281,7 @@ mod tests {
             ("dirichlet:10", 3),
         ] {
             let cfg = RunConfig {
-                partition: p.into(),
+                partition: p.parse().unwrap(),
                 num_clients: n,
                 sample_clients: 1,
                 ..Default::default()
@@ -303,7 +325,7 @@ mod tests {
 
     #[test]
     fn client_sampling_is_seeded_and_exact() {
-        use super::super::runner::sample_round;
+        use super::super::seeds::sample_round;
         let a = sample_round(1, 3, 10, 4);
         assert_eq!(a, sample_round(1, 3, 10, 4));
         assert_eq!(a.len(), 4);

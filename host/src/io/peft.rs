@@ -17,7 +17,6 @@ pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
 /// The pickled weights file older PEFT versions write; not supported.
 pub(super) const ADAPTER_BIN_FILE: &str = "adapter_model.bin";
 
-
 /// A loaded adapter: its tensors sorted by name, and its PEFT config when there is one.
 #[derive(Clone, Debug)]
 pub struct Adapter {
@@ -110,4 +109,3 @@ pub fn save_adapter(
     }
     Ok(())
 }
-

@@ -22,11 +22,10 @@
 //! every mmap-based safetensors loader (HF's included).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result, bail};
 use fedcdd_kernels::SharedBytes;
@@ -118,16 +117,8 @@ impl std::fmt::Debug for Checkpoint {
 
 /// Maps `path` and reads its safetensors header (fully validated, file length included).
 fn open_shard(path: &Path) -> Result<(Shard, Vec<(String, Entry)>)> {
-    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let meta = file
-        .metadata()
-        .with_context(|| format!("cannot stat {}", path.display()))?;
-    if !meta.is_file() {
-        bail!("{} is not a regular file", path.display());
-    }
-    // SAFETY: mapped read-only; see the module docs for the truncation hazard.
-    let mmap = unsafe { Mmap::map(&file) }
-        .with_context(|| format!("cannot memory-map {}", path.display()))?;
+    // Mapped read-only; see the module docs for the truncation hazard.
+    let mmap = crate::io::map_file(path)?;
     let (header_len, metadata) = SafeTensors::read_metadata(&mmap)
         .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
     let data_start = 8 + header_len;
@@ -510,9 +501,6 @@ impl WriteOptions<'_> {
     }
 }
 
-/// Distinguishes temp files of concurrent writes within one process.
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
 /// A file written under a temp name in its target's directory; renamed by `commit`,
 /// removed when dropped uncommitted.
 struct PendingFile {
@@ -524,26 +512,7 @@ struct PendingFile {
 
 impl PendingFile {
     fn create(target: &Path) -> Result<Self> {
-        let file_name = target
-            .file_name()
-            .with_context(|| format!("cannot write {}: no file name", target.display()))?;
-        let dir = target.parent().unwrap_or(Path::new("."));
-        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let mut temp_name = std::ffi::OsString::from(".");
-        temp_name.push(file_name);
-        temp_name.push(format!(".tmp-{}-{n}", std::process::id()));
-        let temp = dir.join(temp_name);
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&temp)
-            .with_context(|| {
-                format!(
-                    "cannot write {}: cannot create temp file {}",
-                    target.display(),
-                    temp.display()
-                )
-            })?;
+        let (temp, file) = crate::io::create_temp_beside(target)?;
         Ok(PendingFile {
             target: target.to_path_buf(),
             temp,
@@ -850,7 +819,7 @@ pub fn write_checkpoint(
         let mut text = serde_json::to_vec_pretty(&index)
             .with_context(|| format!("cannot serialize {}", index_path.display()))?;
         text.push(b'\n');
-        crate::adapter::write_atomic(&index_path, &text)?;
+        crate::io::write_atomic(&index_path, &text)?;
         out.push(index_path.clone());
     }
 

@@ -510,4 +510,3 @@ pub fn write_model_dir(
 
     Ok(files)
 }
-

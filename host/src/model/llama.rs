@@ -11,7 +11,7 @@ use fedcdd_kernels::{
 use super::checkpoint::Checkpoint;
 use super::config::LlamaConfig;
 use super::lora::{LoraConfig, Proj, init_lora_a, peft_names};
-use crate::adapter::Tensor;
+use crate::io::Tensor;
 
 /// Targets equal to this are ignored by the loss (PyTorch's convention).
 pub const IGNORE_INDEX: i32 = -100;
@@ -124,6 +124,40 @@ fn check_finite(src: &WeightSource) -> Result<()> {
     }
 }
 
+/// RoPE over `heads` heads of `c` for `seq` positions from `pos0`.
+fn rope_shape(c: &LlamaConfig, batch: usize, seq: usize, heads: usize, pos0: usize) -> RopeShape {
+    RopeShape {
+        batch,
+        seq,
+        heads,
+        head_dim: c.head_dim,
+        pos0,
+    }
+}
+
+/// The causal GQA attention of `c` over `q_len` queries starting at position `q_pos0`
+/// against `kv_len` keys (rows `kv_stride` apart: the KV cache's capacity, or the sequence).
+fn attention_shape(
+    c: &LlamaConfig,
+    batch: usize,
+    q_len: usize,
+    kv_len: usize,
+    kv_stride: usize,
+    q_pos0: usize,
+) -> AttnShape {
+    AttnShape {
+        batch,
+        q_len,
+        kv_len,
+        kv_stride,
+        q_heads: c.num_attention_heads,
+        kv_heads: c.num_key_value_heads,
+        head_dim: c.head_dim,
+        q_pos0,
+        scale: 1.0 / (c.head_dim as f32).sqrt(),
+    }
+}
+
 /// One LoRA module's parameters and gradients.
 pub struct LoraModule<B: Backend> {
     pub a: B::Buf,
@@ -141,6 +175,22 @@ pub struct Lora<B: Backend> {
 }
 
 impl<B: Backend> Lora<B> {
+    /// No adapter at all: an empty target list (a zero-B LoRA would still cost compute).
+    pub fn none(model: &LlamaConfig) -> Self {
+        Lora {
+            config: LoraConfig {
+                r: 1,
+                alpha: 1.0,
+                dropout: 0.0,
+                targets: vec![],
+                rslora: false,
+            },
+            modules: (0..model.num_hidden_layers)
+                .map(|_| std::array::from_fn(|_| None))
+                .collect(),
+        }
+    }
+
     /// PEFT's init (A kaiming-uniform, B zero), deterministic from `seed`.
     pub fn init(backend: &B, model: &LlamaConfig, config: LoraConfig, seed: u64) -> Result<Self> {
         config.validate()?;
@@ -569,17 +619,7 @@ pub fn forward<B: Backend>(
     let mut x = be.zeros(0);
     std::mem::swap(&mut x, &mut ws.dx); // reuse dx as the running residual during forward
     be.embedding_forward(&model.embed, &ids_buf, &mut x);
-    let attn_shape = AttnShape {
-        batch,
-        q_len: seq,
-        kv_len: seq,
-        kv_stride: seq,
-        q_heads: c.num_attention_heads,
-        kv_heads: c.num_key_value_heads,
-        head_dim: c.head_dim,
-        q_pos0: 0,
-        scale: 1.0 / (c.head_dim as f32).sqrt(),
-    };
+    let attn_shape = attention_shape(c, batch, seq, seq, seq, 0);
     for (l, (lw, la)) in model.layers.iter().zip(ws.layers.iter_mut()).enumerate() {
         let lm = &lora.modules[l];
         let seed = |p: Proj| mode.dropout_seed.map(|s| dropout_seed(s, l, p));
@@ -617,13 +657,7 @@ pub fn forward<B: Backend>(
         ] {
             run(p, &la.n1, out);
         }
-        let rope = |heads| RopeShape {
-            batch,
-            seq,
-            heads,
-            head_dim: c.head_dim,
-            pos0: 0,
-        };
+        let rope = |heads| rope_shape(c, batch, seq, heads, 0);
         be.rope(
             &mut la.q,
             &model.rope_cos,
@@ -718,17 +752,7 @@ pub fn backward<B: Backend>(
         h,
         false,
     );
-    let attn_shape = AttnShape {
-        batch,
-        q_len: seq,
-        kv_len: seq,
-        kv_stride: seq,
-        q_heads: c.num_attention_heads,
-        kv_heads: c.num_key_value_heads,
-        head_dim: c.head_dim,
-        q_pos0: 0,
-        scale: 1.0 / (c.head_dim as f32).sqrt(),
-    };
+    let attn_shape = attention_shape(c, batch, seq, seq, seq, 0);
     for l in (0..model.layers.len()).rev() {
         let lw = &model.layers[l];
         let la = &ws.layers[l];
@@ -776,13 +800,7 @@ pub fn backward<B: Backend>(
             &la.q, &la.k, &la.v, &la.attn, &la.lse, &ws.dattn, &mut ws.dq, &mut ws.dk, &mut ws.dv,
             attn_shape,
         );
-        let rope = |heads| RopeShape {
-            batch,
-            seq,
-            heads,
-            head_dim: c.head_dim,
-            pos0: 0,
-        };
+        let rope = |heads| rope_shape(c, batch, seq, heads, 0);
         be.rope(
             &mut ws.dq,
             &model.rope_cos,
@@ -888,17 +906,7 @@ pub fn forward_cached<B: Backend>(
     let mut u = z(t * lcfg.r);
     let mut unused = DropBufs { pairs: Vec::new() };
     be.embedding_forward(&model.embed, &be.upload_ids(ids), &mut x);
-    let shape = AttnShape {
-        batch: 1,
-        q_len: t,
-        kv_len: pos0 + t,
-        kv_stride: cache.capacity,
-        q_heads: c.num_attention_heads,
-        kv_heads: c.num_key_value_heads,
-        head_dim: c.head_dim,
-        q_pos0: pos0,
-        scale: 1.0 / (c.head_dim as f32).sqrt(),
-    };
+    let shape = attention_shape(c, 1, t, pos0 + t, cache.capacity, pos0);
     let eps = c.rms_norm_eps as f32;
     for (l, lw) in model.layers.iter().enumerate() {
         let lm = lora.map(|lr| &lr.modules[l]);
@@ -922,13 +930,7 @@ pub fn forward_cached<B: Backend>(
         run(Proj::Q, &n1, &mut q, &mut u);
         run(Proj::K, &n1, &mut k, &mut u);
         run(Proj::V, &n1, &mut v, &mut u);
-        let rope = |heads| RopeShape {
-            batch: 1,
-            seq: t,
-            heads,
-            head_dim: c.head_dim,
-            pos0,
-        };
+        let rope = |heads| rope_shape(c, 1, t, heads, pos0);
         be.rope(
             &mut q,
             &model.rope_cos,

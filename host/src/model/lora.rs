@@ -2,6 +2,8 @@
 
 use anyhow::{Result, bail};
 
+use crate::rng::Rng;
+
 use super::config::LlamaConfig;
 
 /// The seven projections of a LLaMA decoder layer, in PEFT's target-module names.
@@ -256,18 +258,10 @@ pub fn peft_names(layer: usize, p: Proj) -> (String, String) {
 /// (i.e. U(−1/√in, 1/√in)), B = 0. Deterministic from `seed`.
 pub fn init_lora_a(r: usize, in_features: usize, seed: u64) -> Vec<f32> {
     let bound = 1.0 / (in_features as f64).sqrt();
-    let mut state = seed ^ 0x6A09_E667_F3BC_C909;
+    // A SplitMix64 stream → uniform in [−bound, bound).
+    let mut rng = Rng::new(seed ^ 0x6A09_E667_F3BC_C909);
     (0..r * in_features)
-        .map(|_| {
-            // SplitMix64 → uniform in [−bound, bound).
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            let u = (z >> 11) as f64 / (1u64 << 53) as f64;
-            ((2.0 * u - 1.0) * bound) as f32
-        })
+        .map(|_| ((2.0 * rng.unit() - 1.0) * bound) as f32)
         .collect()
 }
 

@@ -4,8 +4,9 @@
 
 use anyhow::{Context, Result, bail};
 use fedcdd_core::{
-    Error as CoreError, FedCddConfig, Layout, MeanAccumulator, ServerOpt, ServerOptConfig,
-    ServerState, StreamingFedCdd, TensorRole, TensorView, apply_server_opt, init_server_state,
+    Algorithm, Error as CoreError, FedCddConfig, Layout, MeanAccumulator, ServerOpt,
+    ServerOptConfig, ServerState, StreamingFedCdd, TensorRole, TensorView, apply_server_opt,
+    init_server_state,
 };
 
 use crate::io::{Adapter, Tensor};
@@ -225,7 +226,7 @@ pub fn aggregate_fedcdd(
     sends: &dyn Fn(TensorRole) -> bool,
     progress: bool,
 ) -> Result<Aggregated> {
-    let mut r = Round::new(global, clients, sends, "fedcdd", progress)?;
+    let mut r = Round::new(global, clients, sends, Algorithm::FedCdd.name(), progress)?;
     let n = r.n;
     let mut workspaces: Vec<Vec<f32>> = r
         .slots

@@ -12,6 +12,5 @@ pub use eval::{EvalReport, LossReport, evaluate};
 pub use generate::{Sampling, generate, sample};
 pub use job::{EvalJob, TrainJob, TrainSummary, run_eval_job, run_train_job};
 pub use step::{
-    OptState, Optimizer, OptimizerKind, Sampler, StepStats, TrainOptions, pad_id, train,
-    train_step,
+    OptState, Optimizer, OptimizerKind, Sampler, StepStats, TrainOptions, pad_id, train, train_step,
 };

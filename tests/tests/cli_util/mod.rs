@@ -2,7 +2,7 @@
 //! locating (and if needed building) the binary, temp directories, running commands, a
 //! test-data generator, an independent safetensors writer for crafting inputs, and plain-f64
 //! comparison helpers. Nothing here calls the code under test except
-//! `fedcdd_host::adapter::read_safetensors` for reading outputs back.
+//! `fedcdd_host::io::read_safetensors` for reading outputs back.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -13,7 +13,7 @@ use std::process::{Command, ExitStatus};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use fedcdd_host::adapter::{Tensor, read_safetensors};
+use fedcdd_host::io::{Tensor, read_safetensors};
 use half::f16;
 
 // ---------------------------------------------------------------------------------------------

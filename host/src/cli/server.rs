@@ -1,74 +1,23 @@
-//! Argument parsing and printing only: each command parses, calls the library, prints.
+//! The server-side commands: `aggregate` (one server step through an algorithm's
+//! strategy), `encode` / `decode` / `inspect` of uploads, `make-example`.
 
 use std::fmt::Write as _;
-use std::io::{IsTerminal as _, Write as _};
+use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
 use fedcdd_core::{
-    Algorithm, DType, FedCddConfig, FedOptVariant, Importance, MaskConfig, NormAxis, Payload,
-    ServerOpt, ServerOptConfig, Target, Weighting,
+    Algorithm, DType, FedOptVariant, Importance, MaskConfig, NormAxis, Payload, Target, Weighting,
 };
 
-use crate::adapter::{load_adapter, save_adapter, write_atomic};
-use crate::aggregate::{AggregateOptions, ServerStateStore, aggregate};
-use crate::bench;
-use crate::update::{
-    EncodeOptions, FileClients, apply_update, decode_update, encode_update, parse_upload,
-};
+use crate::fl::strategy::{NextGlobal, ServerRound, StrategyOptions, for_algorithm};
+use crate::io::{load_adapter, save_adapter, write_atomic};
+use crate::server::example::{ExampleOptions, make_example};
+use crate::server::{FileClients, ServerSettings, ServerStateStore};
+use crate::upload::{EncodeOptions, apply_update, decode_update, encode_update, parse_upload};
 
-#[derive(Parser, Debug)]
-#[command(
-    name = "fedcdd",
-    version,
-    about = "Federated LoRA fine-tuning with FedCDD (consensus-divergence decoupling) and its baselines",
-    long_about = "Federated LoRA fine-tuning with FedCDD (consensus-divergence decoupling) and its baselines.\n\n\
-Adapters are PEFT adapter directories (adapter_config.json + adapter_model.safetensors) or bare \
-.safetensors files with PEFT tensor names. Client uploads are the compact masked format written \
-by `fedcdd encode`.",
-    after_help = "Examples:\n  fedcdd encode --global g/ --local c1/ --out c1.fcdu --keep-ratio 0.3 --noise-scale 0.5 --samples 120\n  fedcdd aggregate --algorithm fedcdd --global g/ --client c1.fcdu --client c2/:80 --out g_next/\n  fedcdd inspect c1.fcdu"
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Subcommand, Debug)]
-pub enum Command {
-    /// One server step: combine client adapters/uploads into the next global adapter.
-    Aggregate(AggregateArgs),
-    /// Client side: mask the update (local − global) and write the upload.
-    Encode(EncodeArgs),
-    /// Rebuild the client's masked adapter (global + reconstructed update) from an upload.
-    Decode(DecodeArgs),
-    /// Print an upload's header, tensors, kept columns and byte size.
-    Inspect(InspectArgs),
-    /// Write a synthetic round (a global PEFT adapter and client adapters) to try the commands on.
-    MakeExample(crate::example::ExampleArgs),
-    /// Write an HF LLaMA model directory (config, random weights, tokenizer) from a preset.
-    InitModel(crate::init_model::InitModelArgs),
-    /// Write the built-in synthetic multi-domain corpus as JSONL (all domains or some).
-    GenCorpus(crate::corpus::GenCorpusArgs),
-    /// Write PEFT's fresh init of a LoRA adapter for a model (round 0's global adapter).
-    InitAdapter(crate::cli_model::InitAdapterArgs),
-    /// One client: centralized LoRA fine-tuning; writes a PEFT adapter.
-    Train(crate::cli_model::TrainArgs),
-    /// Fold a PEFT LoRA adapter into its base model and write an HF model directory.
-    Merge(crate::merge::MergeArgs),
-    /// Mean token loss and perplexity, overall and per domain.
-    Eval(crate::cli_model::EvalArgs),
-    /// Generate text with a KV cache (greedy, temperature, top-p).
-    Generate(crate::cli_model::GenerateArgs),
-    /// Federated LoRA fine-tuning: rounds of clients, any algorithm, per-domain report.
-    /// With no arguments: FedCDD on the built-in benchmark and base model (CPU, minutes).
-    Run(crate::fl::cli::RunArgs),
-    /// The same setup for several algorithms and seeds: mean ± std per domain, ranks, plot.
-    Compare(crate::fl::cli::CompareArgs),
-    /// Benchmarks (reported next to this machine's own reference figures).
-    #[command(subcommand)]
-    Bench(BenchCommand),
-}
+use super::output::print_stdout;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum AlgorithmArg {
@@ -145,23 +94,6 @@ pub enum DTypeArg {
     Bf16,
 }
 
-/// `p_relu | relu | softmax:T | samples | uniform`.
-pub fn parse_weighting(s: &str) -> Result<Weighting, String> {
-    match s {
-        "p_relu" => Ok(Weighting::PRelu),
-        "relu" => Ok(Weighting::Relu),
-        "samples" => Ok(Weighting::Samples),
-        "uniform" => Ok(Weighting::Uniform),
-        _ => match s.strip_prefix("softmax:") {
-            Some(t) => match t.parse::<f32>() {
-                Ok(tau) if tau > 0.0 && tau.is_finite() => Ok(Weighting::Softmax { tau }),
-                _ => Err(format!("softmax temperature {t:?} must be a number > 0")),
-            },
-            None => Err("expected p_relu, relu, softmax:T, samples or uniform".to_string()),
-        },
-    }
-}
-
 /// A client given as `PATH` or `PATH:SAMPLES`.
 #[derive(Clone, Debug)]
 pub struct ClientArg {
@@ -231,7 +163,7 @@ pub struct AggregateArgs {
     #[arg(long, value_enum, default_value = "delta")]
     pub target: TargetArg,
     /// FedCDD: direction weights: p_relu, relu, softmax:T, samples (alignment off), uniform.
-    #[arg(long, default_value = "p_relu", value_parser = parse_weighting)]
+    #[arg(long, default_value = "p_relu", value_parser = |s: &str| Weighting::parse(s).map_err(str::to_string))]
     pub weighting: Weighting,
     /// FedCDD: re-normalise the aggregated directions per group.
     #[arg(long, value_enum, default_value = "on")]
@@ -302,138 +234,74 @@ pub struct InspectArgs {
     pub full: bool,
 }
 
-#[derive(Subcommand, Debug)]
-pub enum BenchCommand {
-    /// Times batch and streaming FedCDD and FedAvg on random data against this machine's
-    /// memory-read bandwidth, measured in the same run.
-    Aggregate(bench::AggregateBenchArgs),
-    /// Tokens/s of LoRA training steps (forward + backward + optimizer), peak RSS, and
-    /// GFLOP/s against this machine's matmul peak, measured in the same run.
-    Train(crate::bench_train::TrainBenchArgs),
-    /// Time of each hand-written CUDA kernel (median) with GB/s or TFLOP/s against the
-    /// device's peak bandwidth and a cuBLAS GEMM rate measured in the same run.
-    Kernels(KernelBenchArgs),
+impl AggregateArgs {
+    /// The server settings these flags give (the rule's spec default where --server-lr is
+    /// absent).
+    fn settings(&self) -> ServerSettings {
+        ServerSettings {
+            server_lr: self.server_lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            tau: self.tau,
+            variant: match self.fedopt_variant {
+                VariantArg::Reddi => FedOptVariant::Reddi,
+                VariantArg::Openfedllm => FedOptVariant::OpenFedLlm,
+            },
+            norm_axis: match self.norm_axis {
+                NormAxisArg::Column => NormAxis::Column,
+                NormAxisArg::Row => NormAxis::Row,
+                NormAxisArg::Rank => NormAxis::Rank,
+            },
+            target: match self.target {
+                TargetArg::Delta => Target::Delta,
+                TargetArg::Weights => Target::Weights,
+            },
+            weighting: self.weighting,
+            renormalize: matches!(self.renormalize, OnOff::On),
+        }
+    }
 }
 
-/// `fedcdd bench kernels`: shapes of one Llama-3-8B layer by default.
 #[derive(Args, Debug)]
-pub struct KernelBenchArgs {
-    /// Only `cuda` has kernels to time (the CPU ops: `fedcdd bench train`).
-    #[arg(long, value_enum, default_value = "cuda")]
-    pub device: crate::cli_model::Device,
-    /// GPU ordinal.
+pub struct MakeExampleArgs {
+    /// Output directory: writes `global/` and `client-<i>/` adapter directories.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 4)]
+    pub clients: usize,
+    /// Transformer layers of the (imaginary) base model.
+    #[arg(long, default_value_t = 4)]
+    pub layers: usize,
+    /// Hidden size of the base model.
+    #[arg(long, default_value_t = 256)]
+    pub hidden: usize,
+    /// LoRA rank r.
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
     #[arg(long, default_value_t = 0)]
-    pub ordinal: usize,
-    /// Timed runs per kernel.
-    #[arg(long, default_value_t = 20)]
-    pub iters: usize,
-    /// Tokens per call (batch · seq).
-    #[arg(long, default_value_t = 4096)]
-    pub tokens: usize,
-    /// Sequence length of the attention kernels.
-    #[arg(long, default_value_t = 2048)]
-    pub seq: usize,
+    pub seed: u64,
 }
 
-fn cmd_bench_kernels(a: &KernelBenchArgs) -> Result<()> {
-    if a.device == crate::cli_model::Device::Cpu {
-        anyhow::bail!(
-            "bench kernels times the CUDA kernels (--device cuda); for the CPU ops use `fedcdd bench train`"
-        );
-    }
-    let opts = fedcdd_kernels::cuda::bench::BenchOptions {
-        ordinal: a.ordinal,
-        iters: a.iters.max(1),
-        tokens: a.tokens,
-        seq: a.seq,
-        ..Default::default()
-    };
-    let table = fedcdd_kernels::cuda::bench::run(&opts)
-        .map_err(|e| anyhow::anyhow!("bench kernels --device cuda: {e}"))?;
-    print_stdout(&table)
-}
-
-pub fn run(cli: Cli) -> Result<()> {
-    match cli.command {
-        Command::Aggregate(a) => cmd_aggregate(a),
-        Command::Encode(a) => cmd_encode(a),
-        Command::Decode(a) => cmd_decode(a),
-        Command::Inspect(a) => cmd_inspect(a),
-        Command::MakeExample(a) => crate::example::make_example(&a),
-        Command::Bench(BenchCommand::Aggregate(a)) => bench::run_aggregate_bench(&a),
-        Command::Bench(BenchCommand::Train(a)) => crate::bench_train::run_train_bench(&a),
-        Command::Bench(BenchCommand::Kernels(a)) => cmd_bench_kernels(&a),
-        Command::InitModel(a) => crate::init_model::init_model(&a),
-        Command::GenCorpus(a) => {
-            for path in crate::corpus::gen_corpus(&a)? {
-                eprintln!("wrote {}", path.display());
-            }
-            Ok(())
-        }
-        Command::Train(a) => crate::cli_model::run_train(&a),
-        Command::Run(a) => crate::fl::cli::cmd_run(&a),
-        Command::Compare(a) => crate::fl::cli::cmd_compare(&a),
-        Command::InitAdapter(a) => crate::cli_model::run_init_adapter(&a),
-        Command::Merge(a) => crate::merge::run_merge(&a),
-        Command::Eval(a) => {
-            let report = crate::cli_model::run_eval(&a)?;
-            let text = if a.json {
-                let mut t = serde_json::to_string_pretty(&report)?;
-                t.push('\n');
-                t
-            } else {
-                crate::cli_model::format_eval(&report)
-            };
-            print_stdout(&text)
-        }
-        Command::Generate(a) => {
-            let text = crate::cli_model::run_generate(&a)?;
-            print_stdout(&format!("{text}\n"))
-        }
-    }
-}
-
-fn aggregate_options(a: &AggregateArgs) -> Result<AggregateOptions> {
-    let algorithm = a.algorithm.algorithm();
-    let rule = algorithm.server_opt().unwrap_or(ServerOpt::FedAvg);
-    let mut opt = ServerOptConfig::defaults(rule);
-    opt.beta1 = a.beta1;
-    opt.beta2 = a.beta2;
-    opt.tau = a.tau;
-    opt.variant = match a.fedopt_variant {
-        VariantArg::Reddi => FedOptVariant::Reddi,
-        VariantArg::Openfedllm => FedOptVariant::OpenFedLlm,
-    };
-    if let Some(lr) = a.server_lr {
-        opt.server_lr = lr;
-    }
-    let fedcdd = FedCddConfig {
-        norm_axis: match a.norm_axis {
-            NormAxisArg::Column => NormAxis::Column,
-            NormAxisArg::Row => NormAxis::Row,
-            NormAxisArg::Rank => NormAxis::Rank,
-        },
-        target: match a.target {
-            TargetArg::Delta => Target::Delta,
-            TargetArg::Weights => Target::Weights,
-        },
-        weighting: a.weighting,
-        renormalize: matches!(a.renormalize, OnOff::On),
-        server_lr: a.server_lr.unwrap_or(1.0),
-    };
-    fedcdd.validate()?;
-    opt.validate()?;
-    Ok(AggregateOptions {
-        algorithm,
-        fedcdd,
-        opt,
-        progress: std::io::stderr().is_terminal(),
-    })
+pub fn cmd_make_example(a: &MakeExampleArgs) -> Result<()> {
+    let tensors = make_example(&ExampleOptions {
+        out: a.out.clone(),
+        clients: a.clients,
+        layers: a.layers,
+        hidden: a.hidden,
+        rank: a.rank,
+        seed: a.seed,
+    })?;
+    eprintln!(
+        "wrote {}/global and {} client adapters ({tensors} tensors each)",
+        a.out.display(),
+        a.clients
+    );
+    Ok(())
 }
 
 /// Loads the global adapter and rejects NaN/Inf in it, so that no client is blamed for it
 /// and no rule copies it into an output.
-fn load_global(path: &Path) -> Result<crate::adapter::Adapter> {
+fn load_global(path: &Path) -> Result<crate::io::Adapter> {
     let global = load_adapter(path)?;
     for t in &global.tensors {
         if let Some(i) = t.data.iter().position(|v| !v.is_finite()) {
@@ -447,8 +315,15 @@ fn load_global(path: &Path) -> Result<crate::adapter::Adapter> {
     Ok(global)
 }
 
-fn cmd_aggregate(a: AggregateArgs) -> Result<()> {
-    let opts = aggregate_options(&a)?;
+pub fn cmd_aggregate(a: AggregateArgs) -> Result<()> {
+    let algorithm = a.algorithm.algorithm();
+    let opts = StrategyOptions {
+        server: a
+            .settings()
+            .options(algorithm, std::io::stderr().is_terminal())?,
+        fedprox_mu: 0.0,
+    };
+    let mut strategy = for_algorithm(algorithm, &opts);
     let global = load_global(&a.global)?;
     let mut clients = FileClients {
         global: &global,
@@ -458,11 +333,20 @@ fn cmd_aggregate(a: AggregateArgs) -> Result<()> {
             .map(|c| (c.path.clone(), c.samples))
             .collect(),
     };
-    let mut state = match &a.state {
-        Some(p) if p.exists() => ServerStateStore::load(p, &opts)?,
-        _ => ServerStateStore::new(&opts),
+    if let Some(p) = a.state.as_ref().filter(|p| p.exists()) {
+        *strategy.state_mut() = ServerStateStore::load(p, strategy.state())?;
+    }
+    let round = ServerRound {
+        round: 0,
+        total_clients: clients.specs.len(),
+        model: None,
     };
-    let (tensors, report) = aggregate(&global, &mut clients, &opts, &mut state)?;
+    let step = strategy.aggregate_train(&global, &mut clients, &round)?;
+    let report = step.report;
+    let NextGlobal::Adapter(tensors) = step.next else {
+        bail!("internal: {} replaced the base model", algorithm.name());
+    };
+    let state = strategy.state();
     let rounds: std::collections::BTreeSet<u32> =
         report.clients.iter().filter_map(|c| c.round).collect();
     if rounds.len() > 1 {
@@ -474,7 +358,7 @@ fn cmd_aggregate(a: AggregateArgs) -> Result<()> {
     }
     eprintln!(
         "{}: {} clients, {} tensors aggregated, {} kept from the global -> {}",
-        opts.algorithm.name(),
+        algorithm.name(),
         report.clients.len(),
         report.tensors_aggregated,
         report.tensors_kept,
@@ -503,7 +387,7 @@ fn cmd_aggregate(a: AggregateArgs) -> Result<()> {
     }
     if let Some(path) = &a.report {
         let json = serde_json::json!({
-            "algorithm": opts.algorithm.name(),
+            "algorithm": algorithm.name(),
             "server_steps": state.steps,
             "tensors_aggregated": report.tensors_aggregated,
             "tensors_kept": report.tensors_kept,
@@ -528,7 +412,7 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     write_atomic(path, &text)
 }
 
-fn cmd_encode(a: EncodeArgs) -> Result<()> {
+pub fn cmd_encode(a: EncodeArgs) -> Result<()> {
     let global = load_global(&a.global)?;
     let local = load_adapter(&a.local)?;
     let opts = EncodeOptions {
@@ -553,8 +437,8 @@ fn cmd_encode(a: EncodeArgs) -> Result<()> {
     };
     let (bytes, summary) = encode_update(&global, &local, &opts)?;
     write_atomic(&a.out, &bytes)?;
-    let kept: usize = summary.iter().map(|t| t.kept).sum();
-    let cols: usize = summary.iter().map(|t| t.cols).sum();
+    let kept: usize = summary.iter().map(|t| t.kept.len()).sum();
+    let cols: usize = summary.iter().map(|t| t.columns).sum();
     eprintln!(
         "wrote {} ({} bytes): {} tensors, {kept} of {cols} columns kept",
         a.out.display(),
@@ -568,7 +452,7 @@ fn read_upload_file(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read upload {}", path.display()))
 }
 
-fn cmd_decode(a: DecodeArgs) -> Result<()> {
+pub fn cmd_decode(a: DecodeArgs) -> Result<()> {
     let global = load_global(&a.global)?;
     let bytes = read_upload_file(&a.update)?;
     let update = decode_update(&bytes, &a.update, &global)?;
@@ -582,7 +466,7 @@ fn cmd_decode(a: DecodeArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_inspect(a: InspectArgs) -> Result<()> {
+pub fn cmd_inspect(a: InspectArgs) -> Result<()> {
     let bytes = read_upload_file(&a.update)?;
     let src = a.update.display();
     let upload = parse_upload(&bytes, &a.update)?;
@@ -693,13 +577,4 @@ fn cmd_inspect(a: InspectArgs) -> Result<()> {
         )?;
     }
     print_stdout(&text)
-}
-
-/// Writes to stdout; a closed pipe (`fedcdd inspect X | head`) is not an error.
-pub fn print_stdout(text: &str) -> Result<()> {
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        r => r.context("cannot write to stdout"),
-    }
 }

@@ -1,0 +1,286 @@
+//! Whole runs: one configuration into a run directory (setup, rounds, reference points,
+//! report, final adapter), and a comparison of several algorithms and seeds. The one place a
+//! backend is chosen for a run.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use fedcdd_core::Algorithm;
+use fedcdd_kernels::Backend;
+
+use crate::device::{self, Device};
+use crate::io::{save_adapter, write_atomic};
+use crate::progress::Reporter;
+use crate::report::{CompareResult, EvalPoint, RunReport, write_compare_report, write_run_report};
+
+use super::config::RunConfig;
+use super::references::reference_point;
+use super::runner::{Outcome, STOP, run_rounds};
+use super::scores::format_eval_line;
+use super::session::{CHECKPOINT, load_progress};
+use super::setup::build_setup;
+use super::strategy::{Strategy, StrategyOptions, for_algorithm};
+
+/// The strategy `cfg` names, with its options.
+pub fn strategy_for(cfg: &RunConfig) -> Result<Box<dyn Strategy>> {
+    let server = cfg.server_options()?;
+    Ok(for_algorithm(
+        cfg.algorithm,
+        &StrategyOptions {
+            server,
+            fedprox_mu: cfg.fedprox_mu,
+        },
+    ))
+}
+
+/// A free default run directory: `runs/<algorithm>-s<seed>`, then `-2`, `-3`, ...
+pub fn default_run_dir(cfg: &RunConfig) -> PathBuf {
+    let base = PathBuf::from("runs").join(format!("{}-s{}", cfg.algorithm.name(), cfg.seed));
+    let mut p = base.clone();
+    let mut i = 2;
+    while p.exists() {
+        p = PathBuf::from(format!("{}-{i}", base.display()));
+        i += 1;
+    }
+    p
+}
+
+/// Runs `cfg` with its own algorithm's strategy; see [`run_with`].
+pub fn run_one(
+    cfg: &RunConfig,
+    run_dir: &Path,
+    resume: bool,
+    rep: &Reporter,
+) -> Result<Option<RunReport>> {
+    run_with(cfg, strategy_for(cfg)?, run_dir, resume, rep)
+}
+
+/// Runs one configuration with `strategy` into `run_dir` (resuming from its checkpoint when
+/// `resume`), writes the report and returns it; `None` when interrupted (Ctrl-C).
+pub fn run_with(
+    cfg: &RunConfig,
+    mut strategy: Box<dyn Strategy>,
+    run_dir: &Path,
+    resume: bool,
+    rep: &Reporter,
+) -> Result<Option<RunReport>> {
+    match cfg.device {
+        Device::Cpu => run_on(
+            device::cpu(cfg.threads)?,
+            cfg,
+            strategy.as_mut(),
+            run_dir,
+            resume,
+            rep,
+        ),
+        // The generic path compiles for CUDA; it has not run on a GPU yet, so it is opt-in.
+        Device::Cuda if std::env::var_os("FEDCDD_CUDA_UNVERIFIED").is_some() => run_on(
+            device::cuda()?,
+            cfg,
+            strategy.as_mut(),
+            run_dir,
+            resume,
+            rep,
+        ),
+        Device::Cuda => {
+            device::cuda_unsupported("the federated runner (run, compare)")?;
+            unreachable!("cuda_unsupported always fails")
+        }
+    }
+}
+
+fn run_on<B: Backend>(
+    be: B,
+    cfg: &RunConfig,
+    strategy: &mut dyn Strategy,
+    run_dir: &Path,
+    resume: bool,
+    rep: &Reporter,
+) -> Result<Option<RunReport>> {
+    let start = Instant::now();
+    let setup = build_setup(cfg, be, &mut |s| rep.line(s))?;
+    std::fs::create_dir_all(run_dir)
+        .with_context(|| format!("cannot create {}", run_dir.display()))?;
+    write_atomic(&run_dir.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+    rep.line(&format!(
+        "{} on {} clients ({}), {} rounds of {} sampled x {} local steps; run directory {}",
+        strategy.name(),
+        setup.clients.len(),
+        setup
+            .clients
+            .iter()
+            .map(|c| format!("{}:{} ({} ex)", c.id, c.label, c.examples.len()))
+            .collect::<Vec<_>>()
+            .join(", "),
+        cfg.rounds,
+        cfg.sample_clients.min(setup.clients.len()),
+        cfg.local_steps,
+        run_dir.display()
+    ));
+    let st = match run_rounds(&setup, strategy, run_dir, resume, rep)? {
+        Outcome::Finished(st) => *st,
+        Outcome::Interrupted { rounds_done } => {
+            crate::progress::line(&format!(
+                "interrupted: the checkpoint holds {rounds_done} complete rounds; continue with\n  fedcdd run --resume {}",
+                run_dir.display()
+            ));
+            return Ok(None);
+        }
+    };
+    // Reference points, computed once per run directory.
+    let refs_path = run_dir.join("references.json");
+    let mut references: BTreeMap<String, EvalPoint> = std::fs::read(&refs_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    for &kind in &cfg.references {
+        if let std::collections::btree_map::Entry::Vacant(slot) =
+            references.entry(kind.name().to_string())
+        {
+            rep.line(&format!("reference point: {kind}"));
+            let p = reference_point(&setup, kind, rep)?;
+            rep.line(&format!("{kind}: {}", format_eval_line(&p)));
+            slot.insert(p);
+            write_atomic(&refs_path, &serde_json::to_vec_pretty(&references)?)?;
+        }
+        if STOP.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+    }
+    let mut st = st;
+    st.global.sort_by(|a, b| a.name.cmp(&b.name));
+    save_adapter(
+        &run_dir.join("adapter"),
+        &st.global,
+        Some(
+            &cfg.lora()?
+                .to_peft_json(&setup.base_dir.display().to_string()),
+        ),
+    )?;
+    let report = RunReport {
+        title: format!(
+            "{} on {} ({} clients, partition {})",
+            strategy.name(),
+            if cfg.builtin_data() {
+                "the built-in benchmark"
+            } else {
+                cfg.data.as_str()
+            },
+            setup.clients.len(),
+            cfg.partition
+        ),
+        algorithm: strategy.name().to_string(),
+        domains: setup.domains.clone(),
+        evals: st.progress.evals.clone(),
+        rounds: st.progress.rounds.clone(),
+        references,
+    };
+    write_run_report(run_dir, &report)?;
+    rep.line(&format!(
+        "done in {:.0} s: report in {}/summary.md, adapter in {}/adapter",
+        start.elapsed().as_secs_f64(),
+        run_dir.display(),
+        run_dir.display()
+    ));
+    Ok(Some(report))
+}
+
+/// The same setup for several algorithms and seeds, into `out` (finished runs there are
+/// reused); returns the comparison table, or `None` when interrupted.
+pub fn compare(
+    base: &RunConfig,
+    algorithms: &[Algorithm],
+    seeds: u64,
+    out: &Path,
+    rep: &Reporter,
+) -> Result<Option<String>> {
+    if seeds == 0 {
+        bail!("--seeds must be at least 1");
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut results = Vec::new();
+    let mut references: BTreeMap<String, Vec<EvalPoint>> = BTreeMap::new();
+    let mut domains = Vec::new();
+    for s in 0..seeds {
+        for (i, &alg) in algorithms.iter().enumerate() {
+            let mut cfg = base.clone();
+            cfg.algorithm = alg;
+            cfg.seed = base.seed + s;
+            // Reference points do not depend on the algorithm: the first run of a seed has them.
+            if i > 0 {
+                cfg.references.clear();
+            }
+            let dir = out.join(format!("{}-s{}", alg.name(), cfg.seed));
+            let report = match finished_report(&dir, &cfg) {
+                Some(r) => {
+                    rep.line(&format!(
+                        "{} seed {}: reusing the finished run in {}",
+                        alg.name(),
+                        cfg.seed,
+                        dir.display()
+                    ));
+                    r
+                }
+                None => {
+                    let resume = dir.join(CHECKPOINT).join("state.json").is_file();
+                    match run_one(&cfg, &dir, resume, rep)? {
+                        Some(r) => r,
+                        None => return Ok(None),
+                    }
+                }
+            };
+            let last = report
+                .evals
+                .last()
+                .cloned()
+                .context("the run has no evaluation")?;
+            if domains.is_empty() {
+                domains = report.domains.clone();
+            }
+            for (k, p) in &report.references {
+                references.entry(k.clone()).or_default().push(p.clone());
+            }
+            results.push(CompareResult {
+                algorithm: alg.name().to_string(),
+                seed: cfg.seed,
+                final_eval: last,
+                upload_bytes: report.rounds.iter().map(|r| r.upload_bytes).sum(),
+                seconds: report.rounds.iter().map(|r| r.seconds).sum(),
+            });
+        }
+    }
+    let table = write_compare_report(out, &domains, &results, &references)?;
+    rep.line(&format!("comparison in {}/compare.md", out.display()));
+    Ok(Some(table))
+}
+
+/// The report of a finished run in `dir` with exactly this config, if there is one.
+fn finished_report(dir: &Path, cfg: &RunConfig) -> Option<RunReport> {
+    let text = std::fs::read_to_string(dir.join("config.toml")).ok()?;
+    if text != cfg.to_toml().ok()? {
+        return None;
+    }
+    let state = load_progress(dir).ok()?;
+    if state.rounds_done != cfg.rounds || !dir.join("summary.md").is_file() {
+        return None;
+    }
+    let references: BTreeMap<String, EvalPoint> = std::fs::read(dir.join("references.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    Some(RunReport {
+        title: String::new(),
+        algorithm: cfg.algorithm.name().to_string(),
+        domains: state
+            .evals
+            .first()
+            .map(|e| e.domains.keys().cloned().collect())
+            .unwrap_or_default(),
+        evals: state.evals,
+        rounds: state.rounds,
+        references,
+    })
+}

@@ -1,0 +1,83 @@
+//! What reports are made of: evaluation points, round logs, run and comparison results.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::format::mean;
+
+/// One domain's score at one evaluation.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DomainScore {
+    pub loss: f64,
+    /// Fraction of examples answered exactly, `0..=1`; None for domains with nothing to match.
+    pub accuracy: Option<f64>,
+    pub examples: usize,
+}
+
+/// The global model evaluated after `round` rounds (round 0 = the base model + initial adapter).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EvalPoint {
+    pub round: usize,
+    pub domains: BTreeMap<String, DomainScore>,
+}
+
+impl EvalPoint {
+    /// Mean over domains that have an accuracy; None when none has.
+    pub fn mean_accuracy(&self) -> Option<f64> {
+        mean(
+            self.domains
+                .values()
+                .filter_map(|d| d.accuracy)
+                .filter(|a| a.is_finite()),
+        )
+    }
+
+    /// Mean of the domains' losses (unweighted, domains with a finite loss); NaN when none
+    /// has one, so a broken evaluation stays visible instead of reading as 0.
+    pub fn mean_loss(&self) -> f64 {
+        mean(
+            self.domains
+                .values()
+                .map(|d| d.loss)
+                .filter(|l| l.is_finite()),
+        )
+        .unwrap_or(f64::NAN)
+    }
+}
+
+/// What one round did.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RoundLog {
+    pub round: usize,
+    pub clients: Vec<usize>,
+    pub train_loss: f64,
+    pub upload_bytes: u64,
+    pub dense_bytes: u64,
+    pub seconds: f64,
+}
+
+/// Everything a run's report shows.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RunReport {
+    /// e.g. "fedcdd on builtin (4 clients, partition domain)"
+    pub title: String,
+    pub algorithm: String,
+    /// Column order; domains found only in the evaluations are appended after these.
+    pub domains: Vec<String>,
+    /// Increasing round; `evals[0]` may be round 0 (the base).
+    pub evals: Vec<EvalPoint>,
+    pub rounds: Vec<RoundLog>,
+    /// Reference points evaluated once: "centralized", "local-only" (may be empty).
+    pub references: BTreeMap<String, EvalPoint>,
+}
+
+/// One finished run in a comparison.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CompareResult {
+    pub algorithm: String,
+    pub seed: u64,
+    pub final_eval: EvalPoint,
+    pub upload_bytes: u64,
+    pub seconds: f64,
+}
