@@ -433,23 +433,28 @@ fn json_values(text: &str, path: &Path) -> Result<Vec<(usize, Value)>> {
 /// Reads the records of a JSONL or JSON-array file (see the module docs).
 pub fn load_records(path: &Path) -> Result<Vec<Record>> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let text = std::str::from_utf8(&bytes).map_err(|e| {
+    parse_records(&bytes, path)
+}
+
+/// Reads the records of JSONL or JSON-array bytes; errors name `origin` and the line.
+pub fn parse_records(bytes: &[u8], origin: &Path) -> Result<Vec<Record>> {
+    let text = std::str::from_utf8(bytes).map_err(|e| {
         let line = 1 + bytes[..e.valid_up_to()]
             .iter()
             .filter(|&&b| b == b'\n')
             .count();
-        anyhow::anyhow!("{}:{line}: the file is not valid UTF-8", path.display())
+        anyhow::anyhow!("{}:{line}: the file is not valid UTF-8", origin.display())
     })?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let values = json_values(text, path)?;
+    let values = json_values(text, origin)?;
     let mut records = Vec::with_capacity(values.len());
     for (line, v) in values {
-        let r =
-            Record::from_json(&v).map_err(|e| anyhow::anyhow!("{}:{line}: {e}", path.display()))?;
+        let r = Record::from_json(&v)
+            .map_err(|e| anyhow::anyhow!("{}:{line}: {e}", origin.display()))?;
         records.push(r);
     }
     if records.is_empty() {
-        bail!("{}: the file holds no records", path.display());
+        bail!("{}: the file holds no records", origin.display());
     }
     Ok(records)
 }

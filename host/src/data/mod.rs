@@ -8,6 +8,6 @@ pub mod tokenizer;
 
 pub use formats::{
     Batch, Example, IGNORE_INDEX, Record, Turn, alpaca_prompt, load_examples, load_records,
-    make_batch, tokenize_records, trainable_examples, write_jsonl,
+    make_batch, parse_records, tokenize_records, trainable_examples, write_jsonl,
 };
 pub use tokenizer::Tokenizer;

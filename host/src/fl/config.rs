@@ -203,6 +203,18 @@ impl RunConfig {
         Ok(cfg)
     }
 
+    /// Reads a config from TOML text (`origin` names it in errors) and validates it.
+    pub fn from_toml(text: &str, origin: &str) -> Result<RunConfig> {
+        let table = text
+            .parse::<toml::Table>()
+            .with_context(|| format!("{origin}: not valid TOML"))?;
+        let cfg: RunConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| anyhow::anyhow!("{origin}: {}", with_key(&e)))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
     pub fn to_toml(&self) -> Result<String> {
         toml::to_string(self).context("cannot write the config as TOML")
     }

@@ -18,9 +18,9 @@ use crate::report::{CompareResult, EvalPoint, RunReport, write_compare_report, w
 
 use super::config::RunConfig;
 use super::references::reference_point;
-use super::runner::{Outcome, STOP, run_rounds};
+use super::runner::{Outcome, STOP, Server, run_rounds};
 use super::scores::format_eval_line;
-use super::session::{CHECKPOINT, load_progress};
+use super::session::{CHECKPOINT, load_progress, sorted};
 use super::setup::build_setup;
 use super::strategy::{Strategy, StrategyOptions, for_algorithm};
 
@@ -62,7 +62,7 @@ pub fn run_one(
 /// `resume`), writes the report and returns it; `None` when interrupted (Ctrl-C).
 pub fn run_with(
     cfg: &RunConfig,
-    mut strategy: Box<dyn Strategy>,
+    strategy: Box<dyn Strategy>,
     run_dir: &Path,
     resume: bool,
     rep: &Reporter,
@@ -71,20 +71,15 @@ pub fn run_with(
         Device::Cpu => run_on(
             device::cpu(cfg.threads)?,
             cfg,
-            strategy.as_mut(),
+            strategy,
             run_dir,
             resume,
             rep,
         ),
         // The generic path compiles for CUDA; it has not run on a GPU yet, so it is opt-in.
-        Device::Cuda if std::env::var_os("FEDCDD_CUDA_UNVERIFIED").is_some() => run_on(
-            device::cuda()?,
-            cfg,
-            strategy.as_mut(),
-            run_dir,
-            resume,
-            rep,
-        ),
+        Device::Cuda if std::env::var_os("FEDCDD_CUDA_UNVERIFIED").is_some() => {
+            run_on(device::cuda()?, cfg, strategy, run_dir, resume, rep)
+        }
         Device::Cuda => {
             device::cuda_unsupported("the federated runner (run, compare)")?;
             unreachable!("cuda_unsupported always fails")
@@ -95,7 +90,7 @@ pub fn run_with(
 fn run_on<B: Backend>(
     be: B,
     cfg: &RunConfig,
-    strategy: &mut dyn Strategy,
+    strategy: Box<dyn Strategy>,
     run_dir: &Path,
     resume: bool,
     rep: &Reporter,
@@ -120,28 +115,50 @@ fn run_on<B: Backend>(
         cfg.local_steps,
         run_dir.display()
     ));
-    let st = match run_rounds(&setup, strategy, run_dir, resume, rep)? {
-        Outcome::Finished(st) => *st,
-        Outcome::Interrupted { rounds_done } => {
-            crate::progress::line(&format!(
-                "interrupted: the checkpoint holds {rounds_done} complete rounds; continue with\n  fedcdd run --resume {}",
+    let mut server = Server::open(setup, strategy, run_dir, resume, rep)?;
+    if let Outcome::Interrupted { rounds_done } = run_rounds(&mut server, rep)? {
+        crate::progress::line(&format!(
+            "interrupted: the checkpoint holds {rounds_done} complete rounds; continue with\n  fedcdd run --resume {}",
+            run_dir.display()
+        ));
+        return Ok(None);
+    }
+    match finish_run(&server, run_dir, rep)? {
+        Some(report) => {
+            rep.line(&format!(
+                "done in {:.0} s: report in {}/summary.md, adapter in {}/adapter",
+                start.elapsed().as_secs_f64(),
+                run_dir.display(),
                 run_dir.display()
             ));
-            return Ok(None);
+            Ok(Some(report))
         }
-    };
-    // Reference points, computed once per run directory.
+        None => Ok(None),
+    }
+}
+
+/// After the last round: the reference points the config asks for (computed once per run
+/// directory; they need the clients' data in this process, so a deployment's server skips
+/// them), the final adapter in PEFT format and the report. `None` when interrupted.
+pub fn finish_run<B: Backend>(
+    server: &Server<B>,
+    run_dir: &Path,
+    rep: &Reporter,
+) -> Result<Option<RunReport>> {
+    let setup = &server.setup;
+    let cfg = &setup.cfg;
     let refs_path = run_dir.join("references.json");
     let mut references: BTreeMap<String, EvalPoint> = std::fs::read(&refs_path)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
-    for &kind in &cfg.references {
+    let has_data = setup.clients.len() == setup.num_clients;
+    for &kind in cfg.references.iter().filter(|_| has_data) {
         if let std::collections::btree_map::Entry::Vacant(slot) =
             references.entry(kind.name().to_string())
         {
             rep.line(&format!("reference point: {kind}"));
-            let p = reference_point(&setup, kind, rep)?;
+            let p = reference_point(setup, kind, rep)?;
             rep.line(&format!("{kind}: {}", format_eval_line(&p)));
             slot.insert(p);
             write_atomic(&refs_path, &serde_json::to_vec_pretty(&references)?)?;
@@ -150,41 +167,38 @@ fn run_on<B: Backend>(
             return Ok(None);
         }
     }
-    let mut st = st;
-    st.global.sort_by(|a, b| a.name.cmp(&b.name));
+    let global = sorted(server.global());
     save_adapter(
         &run_dir.join("adapter"),
-        &st.global,
+        &global,
         Some(
             &cfg.lora()?
                 .to_peft_json(&setup.base_dir.display().to_string()),
         ),
     )?;
+    let name = server.strategy.name().to_string();
+    let clients = if has_data {
+        setup.clients.len().to_string()
+    } else {
+        setup.num_clients.to_string()
+    };
     let report = RunReport {
         title: format!(
-            "{} on {} ({} clients, partition {})",
-            strategy.name(),
+            "{name} on {} ({clients} clients, partition {})",
             if cfg.builtin_data() {
                 "the built-in benchmark"
             } else {
                 cfg.data.as_str()
             },
-            setup.clients.len(),
             cfg.partition
         ),
-        algorithm: strategy.name().to_string(),
+        algorithm: name,
         domains: setup.domains.clone(),
-        evals: st.progress.evals.clone(),
-        rounds: st.progress.rounds.clone(),
+        evals: server.st.progress.evals.clone(),
+        rounds: server.st.progress.rounds.clone(),
         references,
     };
     write_run_report(run_dir, &report)?;
-    rep.line(&format!(
-        "done in {:.0} s: report in {}/summary.md, adapter in {}/adapter",
-        start.elapsed().as_secs_f64(),
-        run_dir.display(),
-        run_dir.display()
-    ));
     Ok(Some(report))
 }
 

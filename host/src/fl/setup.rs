@@ -34,9 +34,32 @@ pub struct Setup<B: Backend> {
     pub base_dir: PathBuf,
     pub model_config: LlamaConfig,
     pub tok: Tokenizer,
+    /// Clients in the federation (sampled or not).
+    pub num_clients: usize,
+    /// The clients whose data this process holds: all of them in one process, one on a
+    /// Flower SuperNode, none on the server of a deployment.
     pub clients: Vec<Client>,
     pub eval_sets: Vec<EvalSet>,
     pub domains: Vec<String>,
+}
+
+impl<B: Backend> Setup<B> {
+    /// Client `id`'s data, when this process holds it.
+    pub fn client(&self, id: usize) -> Option<&Client> {
+        self.clients.iter().find(|c| c.id == id)
+    }
+}
+
+/// Which part of a federation a process plays; decides what [`build_setup_for`] loads.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Role {
+    /// Everything in one process (`fedcdd run`).
+    All,
+    /// A deployment's server: the model and the evaluation sets, no client data.
+    Server,
+    /// One client of a deployment: its own data (partition `id` of the config's data, or the
+    /// records of `data` when given) and the model; no evaluation sets.
+    Client { id: usize, data: Option<PathBuf> },
 }
 
 /// Records of one domain (or one client's file).
@@ -46,6 +69,16 @@ type Group = (String, Vec<Record>);
 pub fn build_setup<B: Backend>(
     cfg: &RunConfig,
     be: B,
+    log: &mut dyn FnMut(&str),
+) -> Result<Setup<B>> {
+    build_setup_for(cfg, be, &Role::All, log)
+}
+
+/// Builds what `role` needs on backend `be`.
+pub fn build_setup_for<B: Backend>(
+    cfg: &RunConfig,
+    be: B,
+    role: &Role,
     log: &mut dyn FnMut(&str),
 ) -> Result<Setup<B>> {
     let base_dir = match cfg.model_path() {
@@ -63,6 +96,35 @@ pub fn build_setup<B: Backend>(
         );
     }
 
+    if let Role::Client {
+        id,
+        data: Some(path),
+    } = role
+    {
+        let recs = load_records(path)?;
+        if recs.is_empty() {
+            bail!("client data {}: no records", path.display());
+        }
+        let ex = tokenize_records(&recs, &tok)
+            .with_context(|| format!("client data {}", path.display()))?;
+        let examples = trainable_examples(ex, cfg.seq, path)?;
+        return Ok(Setup {
+            cfg: cfg.clone(),
+            be,
+            base_dir,
+            model_config,
+            tok,
+            num_clients: cfg.num_clients.max(id + 1),
+            clients: vec![Client {
+                id: *id,
+                label: path.display().to_string(),
+                examples,
+            }],
+            eval_sets: Vec::new(),
+            domains: Vec::new(),
+        });
+    }
+    let server = *role == Role::Server;
     // Training records per domain (or per client) and evaluation records per domain.
     let (train_groups, eval_groups): (Vec<Group>, Vec<Group>) = if cfg.builtin_data() {
         let train = builtin::DOMAINS
@@ -81,7 +143,9 @@ pub fn build_setup<B: Backend>(
             .collect();
         (train, eval)
     } else {
-        let train = if cfg.client_data.is_empty() {
+        let train = if server {
+            Vec::new()
+        } else if cfg.client_data.is_empty() {
             group_by_domain(&load_records(Path::new(&cfg.data))?, &cfg.data)?
         } else {
             let mut v = Vec::new();
@@ -99,6 +163,11 @@ pub fn build_setup<B: Backend>(
     };
 
     let mut eval_sets = Vec::new();
+    let eval_groups = if matches!(role, Role::Client { .. }) {
+        Vec::new()
+    } else {
+        eval_groups
+    };
     for (d, recs) in &eval_groups {
         let recs: Vec<Record> = recs
             .iter()
@@ -109,7 +178,14 @@ pub fn build_setup<B: Backend>(
     }
     let domains: Vec<String> = eval_groups.iter().map(|(d, _)| d.clone()).collect();
 
-    let clients = if !cfg.client_data.is_empty() {
+    let num_clients = if cfg.client_data.is_empty() {
+        cfg.num_clients
+    } else {
+        cfg.client_data.len()
+    };
+    let mut clients = if server {
+        Vec::new()
+    } else if !cfg.client_data.is_empty() {
         let mut out = Vec::new();
         for (i, (f, recs)) in train_groups.iter().enumerate() {
             let ex = tokenize_records(recs, &tok).with_context(|| format!("client data {f}"))?;
@@ -142,12 +218,21 @@ pub fn build_setup<B: Backend>(
             cfg.partition.to_string()
         );
     }
+    if let Role::Client { id, .. } = role {
+        if *id >= num_clients {
+            bail!(
+                "client {id} is not one of the federation's {num_clients} clients (0..{num_clients})"
+            );
+        }
+        clients.retain(|c| c.id == *id);
+    }
     Ok(Setup {
         cfg: cfg.clone(),
         be,
         base_dir,
         model_config,
         tok,
+        num_clients,
         clients,
         eval_sets,
         domains,

@@ -55,6 +55,12 @@ pub struct RoundLog {
     pub upload_bytes: u64,
     pub dense_bytes: u64,
     pub seconds: f64,
+    /// Sampled clients that sent no reply (a node gone, a timeout).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<usize>,
+    /// Replies the server rejected, with why (a corrupt upload, a NaN).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rejected: Vec<String>,
 }
 
 /// Everything a run's report shows.

@@ -116,12 +116,19 @@ pub(super) fn metrics_jsonl(r: &RunReport, domains: &[String]) -> String {
     let mut cumulative = 0u64;
     for l in &r.rounds {
         cumulative = cumulative.saturating_add(l.upload_bytes);
-        push(json!({
+        let mut line = json!({
             "kind": "round", "round": l.round, "clients": l.clients,
             "train_loss": jnum(l.train_loss), "upload_bytes": l.upload_bytes,
             "cumulative_upload_bytes": cumulative, "dense_bytes": l.dense_bytes,
             "seconds": jnum(l.seconds),
-        }));
+        });
+        if !l.missing.is_empty() {
+            line["missing_clients"] = json!(l.missing);
+        }
+        if !l.rejected.is_empty() {
+            line["rejected"] = json!(l.rejected);
+        }
+        push(line);
     }
     for (name, e) in &r.references {
         for d in domains {
@@ -345,6 +352,29 @@ pub(super) fn summary_md(r: &RunReport, domains: &[String], has_accuracy: bool) 
         r.rounds.len(),
         r.evals.len()
     ));
+    let faults: Vec<String> = r
+        .rounds
+        .iter()
+        .flat_map(|l| {
+            let missing = l
+                .missing
+                .iter()
+                .map(move |c| format!("- round {}: client {c} sent no reply\n", l.round));
+            let rejected = l.rejected.iter().map(move |why| {
+                format!(
+                    "- round {}: rejected the reply of {}\n",
+                    l.round,
+                    md_line(why)
+                )
+            });
+            missing.chain(rejected)
+        })
+        .collect();
+    if !faults.is_empty() {
+        out.push_str("## Faults (these clients did not count in their round)\n\n");
+        out.push_str(&faults.concat());
+        out.push('\n');
+    }
     let rows = summary_rows(r);
     if rows.is_empty() {
         out.push_str("No evaluations.\n\n");

@@ -72,6 +72,8 @@ fn sample_run() -> RunReport {
                 upload_bytes: 1000,
                 dense_bytes: 10_000,
                 seconds: 1.5,
+                missing: Vec::new(),
+                rejected: Vec::new(),
             },
             RoundLog {
                 round: 2,
@@ -80,6 +82,8 @@ fn sample_run() -> RunReport {
                 upload_bytes: 500,
                 dense_bytes: 5_000,
                 seconds: 1.0,
+                missing: vec![0],
+                rejected: vec![String::from("client 2: tensor \"x\": bad upload encoding")],
             },
         ],
         references: [(
