@@ -6,6 +6,13 @@
  * FedAdam baselines with their server state, and the client-side Gaussian-noise mask and
  * upload format. The math is fedcdd-core's; see docs/ of the fedcdd repository.
  *
+ * For deployments (e.g. Flower), a federated client (fedcdd_client_*: the base model, its
+ * own data, every algorithm's client side, local LoRA training, the masked upload) and
+ * server (fedcdd_server_*: sampling, the algorithm's server step over the uploads,
+ * per-domain evaluation, checkpoint and report): together they compute what `fedcdd run`
+ * computes in one process, bit for bit. Tensors cross in fedcdd_tensors lists, bytes in
+ * fedcdd_bytes.
+ *
  * Conventions
  *   - Every fallible function returns a fedcdd_status: FEDCDD_OK (0) or a FEDCDD_ERR_* code.
  *     fedcdd_last_error() (or fedcdd_last_error_copy()) then says what went wrong, naming the
@@ -19,7 +26,8 @@
  *     pointer is required, a length that does not match, a NaN or infinite value, or corrupt
  *     bytes give an error, never a crash. No Rust panic crosses the boundary
  *     (FEDCDD_ERR_INTERNAL instead). Inputs are read during the call only, never kept.
- *   - Handles (fedcdd_aggregator, fedcdd_upload) are opaque; use one handle from one thread at
+ *   - Handles (fedcdd_aggregator, fedcdd_upload, fedcdd_client, fedcdd_server, fedcdd_tensors,
+ *     fedcdd_bytes, fedcdd_client_result) are opaque; use one handle from one thread at
  *     a time. Different handles may be used from different threads.
  *
  * A server round
@@ -73,6 +81,31 @@
  * it with `fedcdd_aggregator_free`. Not thread-safe: use one handle from one thread at a time.
  */
 typedef struct fedcdd_aggregator fedcdd_aggregator;
+
+/**
+ * Owned bytes (an upload, a JSON or text result).
+ */
+typedef struct fedcdd_bytes fedcdd_bytes;
+
+/**
+ * One client of a deployment: the base model, its own data, the algorithm's client side.
+ */
+typedef struct fedcdd_client fedcdd_client;
+
+/**
+ * What a client's round produced.
+ */
+typedef struct fedcdd_client_result fedcdd_client_result;
+
+/**
+ * The server of a deployment.
+ */
+typedef struct fedcdd_server fedcdd_server;
+
+/**
+ * A list of named tensors (values kept as f32; the dtype they came in is remembered).
+ */
+typedef struct fedcdd_tensors fedcdd_tensors;
 
 /**
  * A parsed, fully validated upload (opaque to C). Create it with `fedcdd_upload_parse`,
@@ -339,6 +372,29 @@ typedef struct fedcdd_record_info {
 } fedcdd_record_info;
 
 /**
+ * One tensor of a `fedcdd_tensors`, borrowed: valid until the handle is changed or freed.
+ */
+typedef struct fedcdd_tensor_view {
+    /**
+     * NUL-terminated UTF-8 name.
+     */
+    const char *name;
+    /**
+     * The first `ndim` entries are the shape.
+     */
+    size_t shape[FEDCDD_MAX_DIMS];
+    size_t ndim;
+    /**
+     * Number of elements.
+     */
+    size_t len;
+    /**
+     * `len` f32 values, row-major.
+     */
+    const float *data;
+} fedcdd_tensor_view;
+
+/**
  * Success.
  */
 #define FEDCDD_OK 0
@@ -394,6 +450,18 @@ typedef struct fedcdd_record_info {
  * pass 2, a new global while a round is open, or a round broken by an earlier error).
  */
 #define FEDCDD_ERR_CALL_ORDER 10
+
+/**
+ * A file could not be read or written, or does not hold what it should (a model
+ * directory, a data file, a run directory).
+ */
+#define FEDCDD_ERR_IO 11
+
+/**
+ * The federated run failed (local training, evaluation, the server step); the message says
+ * where and why.
+ */
+#define FEDCDD_ERR_RUN 12
 
 /**
  * A bug in libfedcdd (a caught Rust panic). The handle involved should be freed.
@@ -822,6 +890,207 @@ fedcdd_status fedcdd_upload_decode(const struct fedcdd_upload *upload,
                                    fedcdd_dtype dtype,
                                    void *out,
                                    size_t len);
+
+/**
+ * A new, empty tensor list. Free it with `fedcdd_tensors_free`.
+ */
+fedcdd_status fedcdd_tensors_new(struct fedcdd_tensors **out);
+
+/**
+ * Frees a tensor list (NULL is allowed and ignored).
+ */
+void fedcdd_tensors_free(struct fedcdd_tensors *tensors);
+
+/**
+ * Appends a copy of `tensor` (any dtype; kept as f32). Names must be unique, values finite.
+ * Views handed out earlier are invalid afterwards.
+ */
+fedcdd_status fedcdd_tensors_add(struct fedcdd_tensors *tensors,
+                                 const struct fedcdd_tensor *tensor);
+
+/**
+ * The number of tensors in the list.
+ */
+fedcdd_status fedcdd_tensors_count(const struct fedcdd_tensors *tensors, size_t *out);
+
+/**
+ * A borrowed view of tensor `index`: its name, shape and f32 values, valid until the list
+ * is changed or freed.
+ */
+fedcdd_status fedcdd_tensors_get(const struct fedcdd_tensors *tensors,
+                                 size_t index,
+                                 struct fedcdd_tensor_view *out);
+
+/**
+ * The bytes behind `bytes`: `*data` (valid until the handle is freed) and `*len`.
+ */
+fedcdd_status fedcdd_bytes_get(const struct fedcdd_bytes *bytes, const uint8_t **data, size_t *len);
+
+/**
+ * Frees bytes (NULL is allowed and ignored).
+ */
+void fedcdd_bytes_free(struct fedcdd_bytes *bytes);
+
+/**
+ * Creates client `client_id` of the federation that `config` describes (the TOML keys of a
+ * run's `config.toml`, as `fedcdd run` takes them): opens the base model (an HF LLaMA
+ * directory, or the cached built-in one), builds the LoRA layout and the algorithm's client
+ * side, and loads its training data: partition `client_id` of the config's data (the
+ * built-in benchmark or `data`), or, when `data_path` is not NULL, every record of that
+ * JSONL/JSON file. `flora` is refused (it changes the base model every round).
+ */
+fedcdd_status fedcdd_client_new(const char *config,
+                                size_t client_id,
+                                const char *data_path,
+                                struct fedcdd_client **out);
+
+/**
+ * Frees a client (NULL is allowed and ignored).
+ */
+void fedcdd_client_free(struct fedcdd_client *client);
+
+/**
+ * The client's number of training examples (its aggregation weight).
+ */
+fedcdd_status fedcdd_client_num_examples(const struct fedcdd_client *client, uint64_t *out);
+
+/**
+ * Replaces the client's training records with `len` bytes of JSONL (or a JSON array) of
+ * text, Alpaca or ShareGPT records, as `fedcdd train` reads files.
+ */
+fedcdd_status fedcdd_client_set_records(struct fedcdd_client *client,
+                                        const uint8_t *data,
+                                        size_t len);
+
+/**
+ * The federation's round-0 global adapter (PEFT's seeded init, the same in every process),
+ * e.g. the initial arrays of a stock Flower strategy. Free it with `fedcdd_tensors_free`.
+ */
+fedcdd_status fedcdd_client_initial_adapter(const struct fedcdd_client *client,
+                                            struct fedcdd_tensors **out);
+
+/**
+ * Trains one round (`round` from 0) from the global adapter `global` (every LoRA tensor, by
+ * PEFT name) with the server's `extras` (NULL for none): the algorithm's client side
+ * (FedProx's proximal term, SCAFFOLD's correction, FFA-LoRA's frozen A, FedSA-LoRA's own B),
+ * `local_steps` optimizer steps at the round's learning rate, then the masked upload of the
+ * update. `state` (NULL for a stateless client) holds what the client keeps between rounds
+ * (SCAFFOLD's `c_i`, FedSA-LoRA's B): it is read and replaced. `*out` gets the result; free
+ * it with `fedcdd_client_result_free`.
+ */
+fedcdd_status fedcdd_client_train_round(struct fedcdd_client *client,
+                                        uint32_t round,
+                                        const struct fedcdd_tensors *global,
+                                        const struct fedcdd_tensors *extras,
+                                        struct fedcdd_tensors *state,
+                                        struct fedcdd_client_result **out);
+
+/**
+ * Frees a round's result (NULL is allowed and ignored).
+ */
+void fedcdd_client_result_free(struct fedcdd_client_result *result);
+
+/**
+ * The result's upload bytes (valid until the result is freed).
+ */
+fedcdd_status fedcdd_client_result_upload(const struct fedcdd_client_result *result,
+                                          const uint8_t **data,
+                                          size_t *len);
+
+/**
+ * The arrays the client sends beside its upload (SCAFFOLD: `c_i⁺ − c_i`; else empty) and
+ * its trained adapter, both borrowed (valid until the result is freed); the mean local
+ * loss and the sample count. Any output pointer may be NULL.
+ */
+fedcdd_status fedcdd_client_result_parts(const struct fedcdd_client_result *result,
+                                         const struct fedcdd_tensors **extras,
+                                         const struct fedcdd_tensors **adapter,
+                                         double *loss,
+                                         uint64_t *num_samples);
+
+/**
+ * Mean token loss, overall and per domain, of `adapter` on `len` bytes of records (JSONL or
+ * a JSON array), as JSON (`{"overall": {"loss", "perplexity", "tokens"}, "domains": {…}}`).
+ */
+fedcdd_status fedcdd_client_evaluate(const struct fedcdd_client *client,
+                                     const struct fedcdd_tensors *adapter,
+                                     const uint8_t *records,
+                                     size_t len,
+                                     struct fedcdd_bytes **out);
+
+/**
+ * Creates the server of the federation `config` describes, writing into `run_dir` (created;
+ * `resume` != 0 continues its checkpoint): the base model and the per-domain evaluation
+ * sets (no client data), the algorithm's strategy. Unless resuming, the base model is
+ * evaluated first (round 0).
+ */
+fedcdd_status fedcdd_server_new(const char *config,
+                                const char *run_dir,
+                                int32_t resume,
+                                struct fedcdd_server **out);
+
+/**
+ * Frees a server (NULL is allowed and ignored).
+ */
+void fedcdd_server_free(struct fedcdd_server *server);
+
+/**
+ * Rounds done, rounds in all, and clients in the federation. Any pointer may be NULL.
+ */
+fedcdd_status fedcdd_server_counts(const struct fedcdd_server *server,
+                                   size_t *rounds_done,
+                                   size_t *num_rounds,
+                                   size_t *num_clients);
+
+/**
+ * Starts round `round` (from 0; the next one): writes the ids of the sampled clients into
+ * `clients` (`capacity` entries; `*count` gets how many, also when the buffer is too small).
+ */
+fedcdd_status fedcdd_server_begin_round(struct fedcdd_server *server,
+                                        uint32_t round,
+                                        size_t *clients,
+                                        size_t capacity,
+                                        size_t *count);
+
+/**
+ * A copy of the global adapter (sorted by name). Free it with `fedcdd_tensors_free`.
+ */
+fedcdd_status fedcdd_server_global(const struct fedcdd_server *server, struct fedcdd_tensors **out);
+
+/**
+ * The arrays the strategy sends every sampled client with the global adapter (SCAFFOLD:
+ * the server control `c`; else empty). Free it with `fedcdd_tensors_free`.
+ */
+fedcdd_status fedcdd_server_configure_train(const struct fedcdd_server *server,
+                                            struct fedcdd_tensors **out);
+
+/**
+ * Takes client `client`'s reply for the round in progress: its upload (`len` bytes), the
+ * arrays it sent beside it (`extras`, NULL for none) and its mean local loss. A reply that
+ * does not decode against the global adapter, holds NaN, belongs to another round or client,
+ * or comes twice is rejected (`FEDCDD_ERR_BAD_ENCODING`, the message names the client and
+ * the tensor); the round goes on without it and the report lists it.
+ */
+fedcdd_status fedcdd_server_add_reply(struct fedcdd_server *server,
+                                      size_t client,
+                                      const uint8_t *upload,
+                                      size_t len,
+                                      const struct fedcdd_tensors *extras,
+                                      double loss);
+
+/**
+ * Ends the round in progress: the strategy aggregates the kept replies, the global model is
+ * evaluated per domain (when due) and the checkpoint written; sampled clients without a reply
+ * are reported missing. `*log` (may be NULL) gets the round's log line.
+ */
+fedcdd_status fedcdd_server_finish_round(struct fedcdd_server *server, struct fedcdd_bytes **log);
+
+/**
+ * After the last round: writes the final adapter (`adapter/`, PEFT format) and the report
+ * (`summary.md`, `metrics.jsonl`/`.csv`, `rounds.csv`, plots) into the run directory. `*table`
+ * (may be NULL) gets the accuracy table as Markdown.
+ */
+fedcdd_status fedcdd_server_finish(struct fedcdd_server *server, struct fedcdd_bytes **table);
 
 #ifdef __cplusplus
 }  // extern "C"

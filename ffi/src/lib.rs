@@ -2,8 +2,10 @@
 //!
 //! FedCDD's server aggregation (batch and two-pass streaming), the FedAvg/FedOpt baselines
 //! with their server state, and the client-side Gaussian-noise mask and upload format, for
-//! C, C++ and Python (ctypes) federated systems. Every function is a thin, checked wrapper
-//! around `fedcdd-core`; none re-implements its math.
+//! C, C++ and Python (ctypes) federated systems; and a deployment's federated client and
+//! server (`fedcdd_client_*`, `fedcdd_server_*`: fedcdd-host's runner split in two). Every
+//! function is a thin, checked wrapper around `fedcdd-core` or `fedcdd-host`; none
+//! re-implements their math.
 //!
 //! The header `include/fedcdd.h` is generated from this crate by cbindgen (see
 //! `cbindgen.toml`) and committed; `tests/header.rs` fails when it is stale, and
@@ -21,6 +23,8 @@
 mod aggregator;
 mod arena;
 mod error;
+mod federation;
+mod federation_api;
 mod state;
 mod status;
 mod types;
@@ -29,6 +33,11 @@ mod upload;
 use std::ffi::{c_char, c_void};
 
 pub use aggregator::fedcdd_aggregator;
+pub use federation::{
+    fedcdd_bytes, fedcdd_client, fedcdd_client_result, fedcdd_server, fedcdd_tensor_view,
+    fedcdd_tensors,
+};
+pub use federation_api::*;
 pub use types::*;
 pub use upload::fedcdd_upload;
 
@@ -101,6 +110,8 @@ pub extern "C" fn fedcdd_status_name(status: fedcdd_status) -> *const c_char {
         FEDCDD_ERR_BAD_ENCODING => "FEDCDD_ERR_BAD_ENCODING\0",
         FEDCDD_ERR_BUFFER_TOO_SMALL => "FEDCDD_ERR_BUFFER_TOO_SMALL\0",
         FEDCDD_ERR_CALL_ORDER => "FEDCDD_ERR_CALL_ORDER\0",
+        FEDCDD_ERR_IO => "FEDCDD_ERR_IO\0",
+        FEDCDD_ERR_RUN => "FEDCDD_ERR_RUN\0",
         FEDCDD_ERR_INTERNAL => "FEDCDD_ERR_INTERNAL\0",
         _ => "unknown status\0",
     };

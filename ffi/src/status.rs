@@ -29,5 +29,11 @@ pub const FEDCDD_ERR_BUFFER_TOO_SMALL: fedcdd_status = 9;
 /// A call out of order (e.g. a second pass on a batch aggregator, a client missing from
 /// pass 2, a new global while a round is open, or a round broken by an earlier error).
 pub const FEDCDD_ERR_CALL_ORDER: fedcdd_status = 10;
+/// A file could not be read or written, or does not hold what it should (a model
+/// directory, a data file, a run directory).
+pub const FEDCDD_ERR_IO: fedcdd_status = 11;
+/// The federated run failed (local training, evaluation, the server step); the message says
+/// where and why.
+pub const FEDCDD_ERR_RUN: fedcdd_status = 12;
 /// A bug in libfedcdd (a caught Rust panic). The handle involved should be freed.
 pub const FEDCDD_ERR_INTERNAL: fedcdd_status = 99;

@@ -44,55 +44,79 @@ pub fn fedcdd_bin() -> &'static Path {
             // An explicitly chosen binary (an installed one, or a wrapper).
             return PathBuf::from(bin);
         }
-        let exe = std::env::current_exe().expect("cannot find the test executable's path");
-        let deps = exe
-            .parent()
-            .expect("the test executable has no parent directory");
-        let profile_dir = if deps.file_name() == Some(OsStr::new("deps")) {
-            deps.parent().expect("deps/ has a parent")
-        } else {
-            deps
-        };
-        let bin = profile_dir.join(format!("fedcdd{}", std::env::consts::EXE_SUFFIX));
-        let cargo = std::env::var_os("CARGO");
-        if let (Some(cargo), None) = (cargo, std::env::var_os("FEDCDD_TEST_NO_BUILD")) {
-            let mut cmd = Command::new(cargo);
-            cmd.arg("build")
-                .arg("--quiet")
-                .arg("--manifest-path")
-                .arg(workspace_root().join("Cargo.toml"))
-                .args(["-p", "fedcdd-host", "--bin", "fedcdd"]);
-            match profile_dir.file_name().and_then(OsStr::to_str) {
-                Some("debug") | None => {}
-                Some("release") => {
-                    cmd.arg("--release");
-                }
-                Some(other) => {
-                    cmd.args(["--profile", other]);
-                }
-            }
-            if let Some(target_dir) = profile_dir.parent() {
-                cmd.arg("--target-dir").arg(target_dir);
-            }
-            let out = cmd
-                .output()
-                .expect("cannot run `cargo build -p fedcdd-host --bin fedcdd`");
-            assert!(
-                out.status.success(),
-                "`cargo build -p fedcdd-host --bin fedcdd` failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        assert!(
-            bin.is_file(),
-            "the fedcdd binary is missing at {}: build it first with \
-             `cargo build -p fedcdd-host` from the workspace root {} (then run `cargo test`; \
-             the tests build it themselves when run by cargo without FEDCDD_TEST_NO_BUILD)",
-            bin.display(),
-            workspace_root().display()
-        );
-        bin
+        let name = format!("fedcdd{}", std::env::consts::EXE_SUFFIX);
+        built_artifact(&name, &["-p", "fedcdd-host", "--bin", "fedcdd"])
     })
+}
+
+/// `target/<profile>/libfedcdd.so` (the C library of fedcdd-ffi), built like [`fedcdd_bin`].
+pub fn fedcdd_lib() -> &'static Path {
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    LIB.get_or_init(|| {
+        if let Some(lib) = std::env::var_os("FEDCDD_LIB") {
+            return PathBuf::from(lib);
+        }
+        let name = format!(
+            "{}fedcdd{}",
+            std::env::consts::DLL_PREFIX,
+            std::env::consts::DLL_SUFFIX
+        );
+        built_artifact(&name, &["-p", "fedcdd-ffi", "--lib"])
+    })
+}
+
+/// `file` in `target/<profile>` next to the `deps/` folder holding this test executable;
+/// built first with `cargo build <build_args>` when the tests run under cargo (and
+/// `FEDCDD_TEST_NO_BUILD` is unset).
+fn built_artifact(file: &str, build_args: &[&str]) -> PathBuf {
+    let exe = std::env::current_exe().expect("cannot find the test executable's path");
+    let deps = exe
+        .parent()
+        .expect("the test executable has no parent directory");
+    let profile_dir = if deps.file_name() == Some(OsStr::new("deps")) {
+        deps.parent().expect("deps/ has a parent")
+    } else {
+        deps
+    };
+    let path = profile_dir.join(file);
+    let cargo = std::env::var_os("CARGO");
+    if let (Some(cargo), None) = (cargo, std::env::var_os("FEDCDD_TEST_NO_BUILD")) {
+        let mut cmd = Command::new(cargo);
+        cmd.arg("build")
+            .arg("--quiet")
+            .arg("--manifest-path")
+            .arg(workspace_root().join("Cargo.toml"))
+            .args(build_args);
+        match profile_dir.file_name().and_then(OsStr::to_str) {
+            Some("debug") | None => {}
+            Some("release") => {
+                cmd.arg("--release");
+            }
+            Some(other) => {
+                cmd.args(["--profile", other]);
+            }
+        }
+        if let Some(target_dir) = profile_dir.parent() {
+            cmd.arg("--target-dir").arg(target_dir);
+        }
+        let what = format!("cargo build {}", build_args.join(" "));
+        let out = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run `{what}`: {e}"));
+        assert!(
+            out.status.success(),
+            "`{what}` failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(
+        path.is_file(),
+        "{} is missing: build it first from the workspace root {} (then run `cargo test`; \
+         the tests build it themselves when run by cargo without FEDCDD_TEST_NO_BUILD)",
+        path.display(),
+        workspace_root().display()
+    );
+    path
 }
 
 /// What one run of the binary did.
