@@ -10,7 +10,7 @@ use crate::data::builtin::exact_match;
 use crate::data::formats::alpaca_prompt;
 use crate::data::{Example, Record, Tokenizer, tokenize_records};
 use crate::model::llama::{Lora, Model};
-use crate::train::{Sampling, evaluate, generate};
+use crate::train::{evaluate, generate_greedy_batch};
 
 /// A question with its reference answer (Alpaca records with an output).
 #[derive(Clone, Debug)]
@@ -72,6 +72,53 @@ pub struct DomainResult {
     pub loss: f64,
     pub accuracy: Option<f64>,
     pub examples: usize,
+    /// Whether each question was answered exactly, in question order.
+    pub correct: Vec<bool>,
+}
+
+/// Questions answered per batched decoding call.
+const DECODE_BATCH: usize = 64;
+
+/// Greedy answers to `questions`, decoded in batches of prompts of one length (batched
+/// forward passes over a KV cache); whether each matches its reference exactly.
+fn answer_all<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    lora: &Lora<B>,
+    tok: &Tokenizer,
+    questions: &[QA],
+) -> Result<Vec<bool>> {
+    let stop: Vec<u32> = tok.eos_id().into_iter().collect();
+    let mut order: Vec<usize> = (0..questions.len()).collect();
+    order.sort_by_key(|&i| (questions[i].prompt_ids.len(), i));
+    let mut correct = vec![false; questions.len()];
+    let mut start = 0;
+    while start < order.len() {
+        let len = questions[order[start]].prompt_ids.len();
+        let mut end = start;
+        while end < order.len()
+            && end - start < DECODE_BATCH
+            && questions[order[end]].prompt_ids.len() == len
+        {
+            end += 1;
+        }
+        let group = &order[start..end];
+        let prompts: Vec<Vec<u32>> = group
+            .iter()
+            .map(|&i| questions[i].prompt_ids.clone())
+            .collect();
+        let budgets = group
+            .iter()
+            .map(|&i| Ok(tok.encode(&questions[i].answer, false)?.len() + 4))
+            .collect::<Result<Vec<usize>>>()?;
+        let answers = generate_greedy_batch(be, model, Some(lora), &prompts, &budgets, &stop)?;
+        for (&i, ids) in group.iter().zip(answers) {
+            let text = tok.decode(&ids, true)?;
+            correct[i] = exact_match(&text, &questions[i].answer);
+        }
+        start = end;
+    }
+    Ok(correct)
 }
 
 /// Loss and accuracy on every set. Greedy answers stop at EOS or after the reference
@@ -85,7 +132,6 @@ pub fn evaluate_sets<B: Backend>(
     seq: usize,
 ) -> Result<BTreeMap<String, DomainResult>> {
     let mut out = BTreeMap::new();
-    let stop: Vec<u32> = tok.eos_id().into_iter().collect();
     for set in sets {
         let loss = if set.examples.is_empty() {
             f64::NAN
@@ -94,39 +140,16 @@ pub fn evaluate_sets<B: Backend>(
                 .overall
                 .loss
         };
-        let accuracy = if set.questions.is_empty() {
-            None
-        } else {
-            let mut right = 0usize;
-            for q in &set.questions {
-                let budget = tok.encode(&q.answer, false)?.len() + 4;
-                let ids = generate(
-                    be,
-                    model,
-                    Some(lora),
-                    &q.prompt_ids,
-                    budget,
-                    Sampling {
-                        temperature: 0.0,
-                        top_p: 1.0,
-                        seed: 0,
-                    },
-                    &stop,
-                    |_| {},
-                )?;
-                let text = tok.decode(&ids, true)?;
-                if exact_match(&text, &q.answer) {
-                    right += 1;
-                }
-            }
-            Some(right as f64 / set.questions.len() as f64)
-        };
+        let correct = answer_all(be, model, lora, tok, &set.questions)?;
+        let accuracy = (!correct.is_empty())
+            .then(|| correct.iter().filter(|&&c| c).count() as f64 / correct.len() as f64);
         out.insert(
             set.domain.clone(),
             DomainResult {
                 loss,
                 accuracy,
                 examples: set.examples.len(),
+                correct,
             },
         );
     }

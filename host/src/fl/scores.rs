@@ -2,6 +2,7 @@
 //! scored on every domain, means over several models, and the one-line summary.
 
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 use anyhow::Result;
 use fedcdd_kernels::Backend;
@@ -19,6 +20,7 @@ fn score(x: DomainResult) -> DomainScore {
         loss: x.loss,
         accuracy: x.accuracy,
         examples: x.examples,
+        correct: x.correct,
     }
 }
 
@@ -48,10 +50,12 @@ pub fn eval_point<B: Backend>(
     tensors: &[Tensor],
     round: usize,
 ) -> Result<EvalPoint> {
+    let t0 = Instant::now();
     let r = evaluate_on(setup, live, tensors, &setup.eval_sets, "global adapter")?;
     Ok(EvalPoint {
         round,
         domains: r.into_iter().map(|(d, x)| (d, score(x))).collect(),
+        seconds: t0.elapsed().as_secs_f64(),
     })
 }
 
@@ -65,14 +69,21 @@ pub fn mean_points(points: &[EvalPoint], round: usize) -> EvalPoint {
                 loss: 0.0,
                 accuracy: s.accuracy.map(|_| 0.0),
                 examples: s.examples,
+                correct: Vec::new(),
             });
+            e.correct.extend_from_slice(&s.correct);
             e.loss += s.loss / n;
             if let (Some(a), Some(b)) = (e.accuracy.as_mut(), s.accuracy) {
                 *a += b / n;
             }
         }
     }
-    EvalPoint { round, domains }
+    let seconds = points.iter().map(|p| p.seconds).sum();
+    EvalPoint {
+        round,
+        domains,
+        seconds,
+    }
 }
 
 /// The federation's evaluation: the global adapter, or per client (a strategy's personal
@@ -85,6 +96,7 @@ pub fn evaluate_federation<B: Backend>(
     evaluated: Evaluated,
     round: usize,
 ) -> Result<EvalPoint> {
+    let t0 = Instant::now();
     let personal = match evaluated {
         Evaluated::Global => return eval_point(setup, live, global, round),
         Evaluated::PerClient(p) => p,
@@ -130,11 +142,16 @@ pub fn evaluate_federation<B: Backend>(
                     loss: v.iter().map(|x| x.loss).sum::<f64>() / n,
                     accuracy: acc.map(|a| a.iter().sum::<f64>() / n),
                     examples: v[0].examples,
+                    correct: v.iter().flat_map(|x| x.correct.iter().copied()).collect(),
                 },
             )
         })
         .collect();
-    Ok(EvalPoint { round, domains })
+    Ok(EvalPoint {
+        round,
+        domains,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
 }
 
 /// `eval: mean acc 45.0% (arithmetic 40.0, …), loss 0.512`.
@@ -149,11 +166,17 @@ pub fn format_eval_line(p: &EvalPoint) -> String {
         .collect();
     match p.mean_accuracy() {
         Some(a) => format!(
-            "eval: mean acc {:.1}% ({}), loss {:.3}",
+            "eval: mean acc {:.1}% ({}), loss {:.3} [{:.1} s]",
             100.0 * a,
             per.join(", "),
-            p.mean_loss()
+            p.mean_loss(),
+            p.seconds
         ),
-        None => format!("eval: mean loss {:.3} ({})", p.mean_loss(), per.join(", ")),
+        None => format!(
+            "eval: mean loss {:.3} ({}) [{:.1} s]",
+            p.mean_loss(),
+            per.join(", "),
+            p.seconds
+        ),
     }
 }

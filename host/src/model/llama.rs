@@ -837,19 +837,29 @@ pub fn backward<B: Backend>(
 }
 
 /// Key/value cache for generation: `[1, capacity, kv_heads, head_dim]` per layer.
+/// The keys and values of `batch` sequences that advance in step (all at position `len`):
+/// per layer `[batch, capacity, kv_heads · head_dim]`.
 pub struct KvCache<B: Backend> {
     k: Vec<B::Buf>,
     v: Vec<B::Buf>,
+    pub batch: usize,
     pub capacity: usize,
     pub len: usize,
 }
 
 impl<B: Backend> KvCache<B> {
+    /// A cache of one sequence.
     pub fn new(be: &B, c: &LlamaConfig, capacity: usize) -> Self {
-        let n = capacity * c.num_key_value_heads * c.head_dim;
+        Self::batched(be, c, 1, capacity)
+    }
+
+    /// A cache of `batch` sequences of up to `capacity` tokens each.
+    pub fn batched(be: &B, c: &LlamaConfig, batch: usize, capacity: usize) -> Self {
+        let n = batch * capacity * c.num_key_value_heads * c.head_dim;
         KvCache {
             k: (0..c.num_hidden_layers).map(|_| be.zeros(n)).collect(),
             v: (0..c.num_hidden_layers).map(|_| be.zeros(n)).collect(),
+            batch,
             capacity,
             len: 0,
         }
@@ -865,11 +875,28 @@ pub fn forward_cached<B: Backend>(
     cache: &mut KvCache<B>,
     ids: &[i32],
 ) -> Result<Vec<f32>> {
+    forward_cached_batch(be, model, lora, cache, ids)
+}
+
+/// Runs `ids` (`cache.batch` sequences of the same length, row after row) through the model
+/// on top of the cache and returns the logits of each row's last position
+/// (`[batch, vocab]`). LoRA is applied unmerged, without dropout.
+pub fn forward_cached_batch<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    lora: Option<&Lora<B>>,
+    cache: &mut KvCache<B>,
+    ids: &[i32],
+) -> Result<Vec<f32>> {
     let c = &model.config;
-    let t = ids.len();
-    if t == 0 {
-        bail!("nothing to run: no tokens");
+    let b = cache.batch;
+    if ids.is_empty() || b == 0 || !ids.len().is_multiple_of(b) {
+        bail!(
+            "{} tokens do not split into {b} sequences of one length",
+            ids.len()
+        );
     }
+    let t = ids.len() / b;
     let pos0 = cache.len;
     if pos0 + t > cache.capacity || pos0 + t > model.rope_positions {
         bail!(
@@ -899,38 +926,39 @@ pub fn forward_cached<B: Backend>(
         }
     };
     let z = |n: usize| be.zeros(n);
+    let m = b * t;
     let (mut x, mut n1, mut rstd, mut q, mut k, mut v) =
-        (z(t * h), z(t * h), z(t), z(t * qd), z(t * kvd), z(t * kvd));
-    let (mut attn, mut lse, mut tmp) = (z(t * qd), z(c.num_attention_heads * t), z(t * h));
-    let (mut gate, mut up, mut hbuf) = (z(t * i_dim), z(t * i_dim), z(t * i_dim));
-    let mut u = z(t * lcfg.r);
+        (z(m * h), z(m * h), z(m), z(m * qd), z(m * kvd), z(m * kvd));
+    let (mut attn, mut lse, mut tmp) = (z(m * qd), z(c.num_attention_heads * m), z(m * h));
+    let (mut gate, mut up, mut hbuf) = (z(m * i_dim), z(m * i_dim), z(m * i_dim));
+    let mut u = z(m * lcfg.r);
     let mut unused = DropBufs { pairs: Vec::new() };
     be.embedding_forward(&model.embed, &be.upload_ids(ids), &mut x);
-    let shape = attention_shape(c, 1, t, pos0 + t, cache.capacity, pos0);
+    let shape = attention_shape(c, b, t, pos0 + t, cache.capacity, pos0);
     let eps = c.rms_norm_eps as f32;
     for (l, lw) in model.layers.iter().enumerate() {
         let lm = lora.map(|lr| &lr.modules[l]);
         let module = |p: Proj| lm.and_then(|m| m[p.index()].as_ref());
         let mut run = |p: Proj, x: &B::Buf, y: &mut B::Buf, u: &mut B::Buf| {
-            let m = module(p);
+            let module = module(p);
             project(
                 be,
                 &lw.proj[p.index()],
-                m,
+                module,
                 lcfg,
                 x,
                 y,
-                m.map(|_| u),
+                module.map(|_| u),
                 &mut unused,
-                t,
+                m,
                 None,
             )
         };
-        be.rmsnorm_forward(&x, &lw.attn_norm, &mut n1, &mut rstd, t, h, eps);
+        be.rmsnorm_forward(&x, &lw.attn_norm, &mut n1, &mut rstd, m, h, eps);
         run(Proj::Q, &n1, &mut q, &mut u);
         run(Proj::K, &n1, &mut k, &mut u);
         run(Proj::V, &n1, &mut v, &mut u);
-        let rope = |heads| rope_shape(c, 1, t, heads, pos0);
+        let rope = |heads| rope_shape(c, b, t, heads, pos0);
         be.rope(
             &mut q,
             &model.rope_cos,
@@ -946,19 +974,19 @@ pub fn forward_cached<B: Backend>(
             false,
         );
         let into_cache = Copy2d {
-            count: 1,
+            count: b,
             len: t * kvd,
             src_offset: 0,
-            src_stride: 0,
+            src_stride: t * kvd,
             dst_offset: pos0 * kvd,
-            dst_stride: 0,
+            dst_stride: cache.capacity * kvd,
         };
         be.copy_2d(&k, &mut cache.k[l], into_cache);
         be.copy_2d(&v, &mut cache.v[l], into_cache);
         be.attention_forward(&q, &cache.k[l], &cache.v[l], &mut attn, &mut lse, shape);
         run(Proj::O, &attn, &mut tmp, &mut u);
         be.axpy(&mut x, 1.0, &tmp);
-        be.rmsnorm_forward(&x, &lw.mlp_norm, &mut n1, &mut rstd, t, h, eps);
+        be.rmsnorm_forward(&x, &lw.mlp_norm, &mut n1, &mut rstd, m, h, eps);
         run(Proj::Gate, &n1, &mut gate, &mut u);
         run(Proj::Up, &n1, &mut up, &mut u);
         be.swiglu_forward(&gate, &up, &mut hbuf);
@@ -966,25 +994,26 @@ pub fn forward_cached<B: Backend>(
         be.axpy(&mut x, 1.0, &tmp);
     }
     cache.len = pos0 + t;
-    let mut last = z(h);
+    // Each row's last position.
+    let mut last = z(b * h);
     be.copy_2d(
         &x,
         &mut last,
         Copy2d {
-            count: 1,
+            count: b,
             len: h,
             src_offset: (t - 1) * h,
-            src_stride: 0,
+            src_stride: t * h,
             dst_offset: 0,
-            dst_stride: 0,
+            dst_stride: h,
         },
     );
-    let mut normed = z(h);
-    let mut r1 = z(1);
-    be.rmsnorm_forward(&last, &model.norm, &mut normed, &mut r1, 1, h, eps);
-    let mut logits = z(c.vocab_size);
-    be.linear_forward(&normed, model.lm_head(), &mut logits, 1, false);
-    let mut out = vec![0.0; c.vocab_size];
+    let mut normed = z(b * h);
+    let mut r1 = z(b);
+    be.rmsnorm_forward(&last, &model.norm, &mut normed, &mut r1, b, h, eps);
+    let mut logits = z(b * c.vocab_size);
+    be.linear_forward(&normed, model.lm_head(), &mut logits, b, false);
+    let mut out = vec![0.0; b * c.vocab_size];
     be.download(&logits, &mut out);
     Ok(out)
 }

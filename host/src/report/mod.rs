@@ -8,6 +8,7 @@ mod format;
 mod plot;
 mod points;
 mod run;
+pub mod stats;
 #[cfg(test)]
 mod tests;
 

@@ -13,6 +13,33 @@ pub struct DomainScore {
     /// Fraction of examples answered exactly, `0..=1`; None for domains with nothing to match.
     pub accuracy: Option<f64>,
     pub examples: usize,
+    /// Each question's outcome (for intervals over the questions), as `"1011…"` in JSON.
+    #[serde(default, skip_serializing_if = "Vec::is_empty", with = "bits")]
+    pub correct: Vec<bool>,
+}
+
+/// A list of booleans as a string of `0`/`1` (compact in JSON lines).
+mod bits {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(v: &[bool], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(
+            &v.iter()
+                .map(|&b| if b { '1' } else { '0' })
+                .collect::<String>(),
+        )
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<bool>, D::Error> {
+        String::deserialize(d)?
+            .chars()
+            .map(|c| match c {
+                '1' => Ok(true),
+                '0' => Ok(false),
+                o => Err(D::Error::custom(format!("{o:?} is not 0 or 1"))),
+            })
+            .collect()
+    }
 }
 
 /// The global model evaluated after `round` rounds (round 0 = the base model + initial adapter).
@@ -20,6 +47,9 @@ pub struct DomainScore {
 pub struct EvalPoint {
     pub round: usize,
     pub domains: BTreeMap<String, DomainScore>,
+    /// Wall time of this evaluation (loss and greedy answers on every domain).
+    #[serde(default)]
+    pub seconds: f64,
 }
 
 impl EvalPoint {

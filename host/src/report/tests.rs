@@ -37,6 +37,7 @@ fn score(loss: f64, accuracy: Option<f64>) -> DomainScore {
         loss,
         accuracy,
         examples: 10,
+        correct: Vec::new(),
     }
 }
 
@@ -47,6 +48,7 @@ fn point(round: usize, scores: &[(&str, f64, Option<f64>)]) -> EvalPoint {
             .iter()
             .map(|&(d, l, a)| (d.to_string(), score(l, a)))
             .collect(),
+        seconds: 0.0,
     }
 }
 
@@ -158,6 +160,7 @@ fn result(alg: &str, seed: u64, d: &[(&str, Option<f64>)], bytes: u64) -> Compar
                 .iter()
                 .map(|&(n, a)| (n.to_string(), score(1.0, a)))
                 .collect(),
+            seconds: 0.0,
         },
         upload_bytes: bytes,
         seconds: 2.0,

@@ -69,17 +69,8 @@ pub fn generate<B: Backend>(
 
 /// Greedy (temperature 0) or temperature + nucleus (top-p) sampling.
 pub fn sample(logits: &[f32], s: Sampling, rng: &mut Rng) -> u32 {
-    let argmax = || {
-        logits
-            .iter()
-            .enumerate()
-            .fold((0usize, f32::NEG_INFINITY), |best, (i, &v)| {
-                if v > best.1 { (i, v) } else { best }
-            })
-            .0 as u32
-    };
     if s.temperature <= 0.0 {
-        return argmax();
+        return argmax(logits);
     }
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut probs: Vec<(usize, f64)> = logits
@@ -110,4 +101,77 @@ pub fn sample(logits: &[f32], s: Sampling, rng: &mut Rng) -> u32 {
         }
     }
     kept[kept.len() - 1].0 as u32
+}
+
+/// The index of the largest logit (the first of ties), as greedy [`sample`] picks it.
+fn argmax(logits: &[f32]) -> u32 {
+    logits
+        .iter()
+        .enumerate()
+        .fold((0usize, f32::NEG_INFINITY), |best, (i, &v)| {
+            if v > best.1 { (i, v) } else { best }
+        })
+        .0 as u32
+}
+
+/// Greedy generation for several prompts of the same length at once (one batched forward
+/// per step over a shared KV cache): row `i` stops at a `stop` token or after `budgets[i]`
+/// tokens. Returns each row's new tokens, as [`generate`] with temperature 0 would.
+pub fn generate_greedy_batch<B: Backend>(
+    be: &B,
+    model: &Model<B>,
+    lora: Option<&Lora<B>>,
+    prompts: &[Vec<u32>],
+    budgets: &[usize],
+    stop: &[u32],
+) -> Result<Vec<Vec<u32>>> {
+    let b = prompts.len();
+    if b == 0 {
+        return Ok(Vec::new());
+    }
+    let t = prompts[0].len();
+    if t == 0 || prompts.iter().any(|p| p.len() != t) || budgets.len() != b {
+        bail!("a batch needs non-empty prompts of one length and a budget per prompt");
+    }
+    let most = budgets.iter().copied().max().unwrap_or(0);
+    if most == 0 {
+        return Ok(vec![Vec::new(); b]);
+    }
+    let capacity = (t + most).min(model.rope_positions);
+    if t >= capacity {
+        bail!(
+            "the prompts have {t} tokens; max_position_embeddings is {}",
+            model.rope_positions
+        );
+    }
+    let vocab = model.config.vocab_size;
+    let mut cache = KvCache::batched(be, &model.config, b, capacity);
+    let ids: Vec<i32> = prompts.iter().flatten().map(|&x| x as i32).collect();
+    let mut logits = llama::forward_cached_batch(be, model, lora, &mut cache, &ids)?;
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
+    let mut done: Vec<bool> = budgets.iter().map(|&n| n == 0).collect();
+    loop {
+        let mut next = Vec::with_capacity(b);
+        for (i, row) in logits.chunks_exact(vocab).enumerate() {
+            if let Some(j) = row.iter().position(|v| !v.is_finite()) {
+                bail!(
+                    "the logits after {} tokens are not finite (logit {j} is {}): the model or \
+                     adapter weights hold non-finite values",
+                    cache.len,
+                    row[j]
+                );
+            }
+            let tok = argmax(row);
+            if !done[i] {
+                out[i].push(tok);
+                done[i] = stop.contains(&tok) || out[i].len() >= budgets[i];
+            }
+            next.push(tok as i32);
+        }
+        if done.iter().all(|&d| d) || cache.len >= capacity {
+            break;
+        }
+        logits = llama::forward_cached_batch(be, model, lora, &mut cache, &next)?;
+    }
+    Ok(out)
 }
