@@ -31,6 +31,9 @@ pub struct PlannedTensor {
     pub name: String,
     pub dims: Vec<usize>,
     pub dtype: DType,
+    /// How its units were ranked (the mask's importance, or rows for `lora_B` with
+    /// `mask_axis = feature`).
+    pub importance: Importance,
     /// Kept column indices, ascending (every column when `dense`).
     pub kept: Vec<u32>,
     /// Columns of the importance grid.
@@ -79,7 +82,8 @@ impl UploadPlan {
             let layout = Layout::from_dims(t.dims, TensorRole::from_name(t.name)).map_err(at)?;
             let mut sent = t.values.to_vec();
             round_to(t.dtype, &mut sent);
-            let (rows, cols) = mask.importance.units(&layout);
+            let importance = mask.axis.importance_for(mask.importance, layout.role);
+            let (rows, cols) = importance.units(&layout);
             let k = mask.kept_count(cols);
             let mut norms = vec![0.0f32; cols];
             let mut order = vec![0u32; cols];
@@ -102,6 +106,7 @@ impl UploadPlan {
                 name: String::from(t.name),
                 dims: t.dims.to_vec(),
                 dtype: t.dtype,
+                importance,
                 kept,
                 columns: cols,
                 values: if dense { sent } else { values },
@@ -167,7 +172,7 @@ impl UploadPlan {
             w.masked(
                 &p.name,
                 &p.dims,
-                self.importance,
+                p.importance,
                 &p.kept,
                 values,
                 p.sigma,

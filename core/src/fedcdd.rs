@@ -4,7 +4,8 @@
 //! Two forms compute the same rule:
 //! - [`StreamingFedCdd`]: two passes over the clients, one client in memory at a time, all
 //!   state in one caller-provided `f32` buffer of [`StreamingFedCdd::workspace_len`] elements
-//!   (at most `5·P + 3·G` for a tensor of `P` elements and `G` groups, whatever the number of clients).
+//!   (at most `5·P + 3·G` for a tensor of `P` elements and `G` groups, whatever the number of clients;
+//!   `P` more for the one-part ablations of [`Components`]).
 //! - `fedcdd_batch` (feature `alloc`): all clients at once, written literally after the spec
 //!   (pairwise cosines); `O(N·P)` memory. It is the cross-check of the streaming form.
 
@@ -122,6 +123,49 @@ impl Target {
     }
 }
 
+/// Which of FedCDD's two parts replace FedAvg's. FedAvg's step per group is
+/// `‖Δ̄_g‖ · Δ̄_g/‖Δ̄_g‖` (`Δ̄ = Σ p_i Δ_i`); FedCDD replaces the magnitude by the consensus
+/// `m̄_g = Σ p_i ‖Δ_i,g‖` and the direction by the agreement-weighted mean direction `D̂_g`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Components {
+    /// `m̄ ⊙ D̂`: the spec's FedCDD.
+    #[default]
+    Both,
+    /// `m̄ ⊙ Δ̄/‖Δ̄‖`: consensus magnitude, FedAvg's direction (`weighting` and
+    /// `renormalize` have no effect).
+    ConsensusOnly,
+    /// `‖Δ̄‖ ⊙ D̂`: FedAvg's magnitude, the aligned direction.
+    DivergenceOnly,
+}
+
+impl Components {
+    /// Every value, in documentation order.
+    pub const ALL: [Components; 3] = [
+        Components::Both,
+        Components::ConsensusOnly,
+        Components::DivergenceOnly,
+    ];
+
+    /// The config/CLI name (`both`, `consensus_only`, `divergence_only`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Components::Both => "both",
+            Components::ConsensusOnly => "consensus_only",
+            Components::DivergenceOnly => "divergence_only",
+        }
+    }
+
+    /// The value [`name`](Self::name) calls `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.name() == name)
+    }
+
+    /// Whether FedAvg's mean `Σ n_i X_i` is needed.
+    const fn needs_mean(self) -> bool {
+        !matches!(self, Components::Both)
+    }
+}
+
 impl core::fmt::Display for Weighting {
     /// The form [`Weighting::parse`] reads.
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
@@ -212,6 +256,8 @@ pub struct FedCddConfig {
     pub renormalize: bool,
     /// λ, the server rate.
     pub server_lr: f32,
+    /// Both parts, or one of them on top of FedAvg (an ablation; not in the spec's table).
+    pub components: Components,
 }
 
 impl Default for FedCddConfig {
@@ -222,6 +268,7 @@ impl Default for FedCddConfig {
             weighting: Weighting::PRelu,
             renormalize: true,
             server_lr: 1.0,
+            components: Components::Both,
         }
     }
 }
@@ -308,7 +355,7 @@ enum Phase {
 /// anything is accumulated): skip it in the other pass too.
 ///
 /// Memory: the `workspace` slice only ([`workspace_len`](Self::workspace_len) f32s, at most
-/// `5·P + 3·G`); nothing grows with the number of clients. Each pass reads a client's tensor
+/// `5·P + 3·G`, `P` more for a one-part [`Components`] reading); nothing grows with the number of clients. Each pass reads a client's tensor
 /// twice back to back (norms, then accumulation), so the second read comes from cache.
 pub struct StreamingFedCdd<'w, 'g> {
     cfg: FedCddConfig,
@@ -322,6 +369,7 @@ pub struct StreamingFedCdd<'w, 'g> {
     dir_fallback: &'w mut [f32], // Σ n_i · D_i, if weighting has a fallback (P or 0)
     global_f32: &'w mut [f32],   // G in f32, for target = weights   (P or 0)
     theta: &'w mut [f32],        // θ_i scratch, for target = weights (P or 0)
+    mean_acc: &'w mut [f32],     // Σ n_i · X_i, for one-part components (P or 0)
     mag_acc: &'w mut [f32],      // Σ n_i · m_i                    (G)
     sq: &'w mut [f32],           // per-client group sums of squares (G)
     dot: &'w mut [f32],          // per-client group dots / coefficients (G)
@@ -351,7 +399,8 @@ impl<'w, 'g> StreamingFedCdd<'w, 'g> {
         } else {
             0
         };
-        2 * p + fallback + weights + 3 * g
+        let mean = if cfg.components.needs_mean() { p } else { 0 };
+        2 * p + fallback + weights + mean + 3 * g
     }
 
     /// Starts the aggregation of one tensor whose current global value is `global`.
@@ -377,6 +426,7 @@ impl<'w, 'g> StreamingFedCdd<'w, 'g> {
         let wp = if cfg.target == Target::Weights { p } else { 0 };
         let (global_f32, rest) = rest.split_at_mut(wp);
         let (theta, rest) = rest.split_at_mut(wp);
+        let (mean_acc, rest) = rest.split_at_mut(if cfg.components.needs_mean() { p } else { 0 });
         let (mag_acc, rest) = rest.split_at_mut(g);
         let (sq, rest) = rest.split_at_mut(g);
         let (dot, _) = rest.split_at_mut(g);
@@ -384,6 +434,7 @@ impl<'w, 'g> StreamingFedCdd<'w, 'g> {
             &mut *unit_sum,
             &mut *dir_acc,
             &mut *dir_fallback,
+            &mut *mean_acc,
             &mut *mag_acc,
         ] {
             buf.fill(0.0);
@@ -407,6 +458,7 @@ impl<'w, 'g> StreamingFedCdd<'w, 'g> {
             dir_fallback,
             global_f32,
             theta,
+            mean_acc,
             mag_acc,
             sq,
             dot,
@@ -518,6 +570,9 @@ impl<'w, 'g> StreamingFedCdd<'w, 'g> {
             group_axpy(x, self.dot, &self.layout, self.groups, self.unit_sum);
             self.nonzero1 += 1;
         }
+        for (a, v) in self.mean_acc.iter_mut().zip(x) {
+            *a += n * v.to_f32();
+        }
         self.count1 += 1;
         self.n_min1 = self.n_min1.min(n);
         self.n_sum1 += n;
@@ -628,19 +683,29 @@ impl<'w, 'g> StreamingFedCdd<'w, 'g> {
             return Err(ErrorKind::BadWeight.into());
         }
         let fell_back = self.count1 > 1 && self.cfg.weighting.falls_back(self.raw_sum, self.n_sum1);
-        let (dir, wsum): (&mut [f32], f32) = if fell_back {
+        let inv_n = 1.0 / self.n_sum1;
+        // The magnitude per group into `dot`: m̄, or ‖Δ̄_g‖ for divergence only.
+        if self.cfg.components == Components::DivergenceOnly {
+            group_sumsq(&*self.mean_acc, &self.layout, self.groups, self.sq);
+            for (c, s) in self.dot.iter_mut().zip(self.sq.iter()) {
+                *c = sqrt(*s) * inv_n;
+            }
+        } else {
+            for (c, m) in self.dot.iter_mut().zip(self.mag_acc.iter()) {
+                *c = m * inv_n;
+            }
+        }
+        let consensus_only = self.cfg.components == Components::ConsensusOnly;
+        let (dir, wsum): (&mut [f32], f32) = if consensus_only {
+            (self.mean_acc, self.n_sum1)
+        } else if fell_back {
             (self.dir_fallback, self.n_sum1)
         } else {
             (self.dir_acc, self.raw_sum)
         };
         let inv_wsum = 1.0 / wsum;
-        // m̄ (per group) into `dot`.
-        let inv_n = 1.0 / self.n_sum1;
-        for (c, m) in self.dot.iter_mut().zip(self.mag_acc.iter()) {
-            *c = m * inv_n;
-        }
         // Coefficient per group: m̄_g / max(‖D̄_g‖, ε) with D̄ = dir / wsum.
-        if self.cfg.renormalize {
+        if self.cfg.renormalize || consensus_only {
             group_sumsq(&*dir, &self.layout, self.groups, self.sq);
             for (c, s) in self.dot.iter_mut().zip(self.sq.iter()) {
                 let norm = sqrt(*s) * inv_wsum;
@@ -748,6 +813,7 @@ mod batch {
         crate::sweep::check_all_finite(&g[..])?;
 
         let mut n_sum = 0.0f32;
+        let mut mean = vec![0.0f32; p]; // Σ n_i X_i
         let mut mags: Vec<Vec<f32>> = Vec::with_capacity(clients.len());
         let mut dirs: Vec<Vec<f32>> = Vec::with_capacity(clients.len());
         for c in clients {
@@ -768,6 +834,9 @@ mod batch {
             let mut d = vec![0.0; p];
             group_scale_into(&x, &layout, groups, &inv, &mut d);
             n_sum += c.samples;
+            for (a, v) in mean.iter_mut().zip(&x) {
+                *a += c.samples * v;
+            }
             mags.push(m);
             dirs.push(d);
         }
@@ -834,8 +903,18 @@ mod batch {
                 *a += w * v;
             }
         }
+        for a in mean.iter_mut() {
+            *a /= n_sum;
+        }
+        let mut mean_sq = vec![0.0; ng];
+        group_sumsq(&mean[..], &layout, groups, &mut mean_sq);
+        match cfg.components {
+            Components::Both => {}
+            Components::ConsensusOnly => dbar = mean,
+            Components::DivergenceOnly => mbar = mean_sq.iter().map(|s| sqrt(*s)).collect(),
+        }
         let mut coef = mbar;
-        if cfg.renormalize {
+        if cfg.renormalize || cfg.components == Components::ConsensusOnly {
             let mut sq = vec![0.0; ng];
             group_sumsq(&dbar[..], &layout, groups, &mut sq);
             for (c, s) in coef.iter_mut().zip(&sq) {

@@ -9,7 +9,7 @@
 //!
 //! | API | memory besides its inputs and outputs |
 //! |---|---|
-//! | [`StreamingFedCdd`] | the caller's workspace, [`StreamingFedCdd::workspace_len`] floats (≤ 5·P + 3·G for a tensor of P elements and G norm groups), whatever the number of clients |
+//! | [`StreamingFedCdd`] | the caller's workspace, [`StreamingFedCdd::workspace_len`] floats (≤ 5·P + 3·G for a tensor of P elements and G norm groups; +P for a one-part `Components` ablation), whatever the number of clients |
 //! | `fedcdd_batch` (feature `alloc`) | O(N·P) on the heap |
 //! | [`MeanAccumulator`] | the caller's 2·P floats |
 //! | [`apply_server_opt`], [`init_server_state`], SCAFFOLD and FedProx helpers | none (the caller's state slices) |
@@ -46,7 +46,8 @@ pub use error::{Error, ErrorKind};
 #[cfg(feature = "alloc")]
 pub use fedcdd::{BatchReport, ClientInput, fedcdd_batch};
 pub use fedcdd::{
-    ClientAgreement, EPS, FedCddConfig, FedCddSummary, NormAxis, StreamingFedCdd, Target, Weighting,
+    ClientAgreement, Components, EPS, FedCddConfig, FedCddSummary, NormAxis, StreamingFedCdd,
+    Target, Weighting,
 };
 pub use fedopt::{
     Algorithm, ClientView, FedOptVariant, GROUP, MeanAccumulator, ServerOpt, ServerOptConfig,
@@ -54,7 +55,9 @@ pub use fedopt::{
     scaffold_correct_gradient, scaffold_server_update,
 };
 pub use half::{bf16, f16};
-pub use mask::{Importance, MaskConfig, MaskScratch, MaskedSummary, mask_encode, mask_reconstruct};
+pub use mask::{
+    Importance, MaskAxis, MaskConfig, MaskScratch, MaskedSummary, mask_encode, mask_reconstruct,
+};
 pub use sweep::Groups;
 pub use tensor::{DType, Element, Layout, MAX_DIMS, TensorRole, TensorView};
 pub use wire::{Payload, TensorRecord, Upload, UploadHeader, UploadWriter};

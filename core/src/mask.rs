@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind};
 use crate::sweep::{check_finite_sumsq, check_len};
-use crate::tensor::{DType, Element, Layout};
+use crate::tensor::{DType, Element, Layout, TensorRole};
 
 /// How column importance is measured.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,17 +25,25 @@ pub enum Importance {
     ColumnL2,
     /// `|x|` per element: the tensor is treated as `1 × P`, each element a "column".
     ElementAbs,
+    /// `r_i = ‖X[i, :]‖₂`: the rows are the units (the spec's `mask_axis = feature` for
+    /// `lora_B` `[d_out, r]`: its d_out output features).
+    RowL2,
 }
 
 impl Importance {
     /// Every value, in documentation order.
-    pub const ALL: [Importance; 2] = [Importance::ColumnL2, Importance::ElementAbs];
+    pub const ALL: [Importance; 3] = [
+        Importance::ColumnL2,
+        Importance::ElementAbs,
+        Importance::RowL2,
+    ];
 
     /// The config/CLI name (`column_l2`, `element_abs`).
     pub const fn name(self) -> &'static str {
         match self {
             Importance::ColumnL2 => "column_l2",
             Importance::ElementAbs => "element_abs",
+            Importance::RowL2 => "row_l2",
         }
     }
 
@@ -46,11 +54,60 @@ impl Importance {
 }
 
 impl Importance {
-    /// The `rows × cols` unit grid the mask works on: the tensor itself, or `1 × P`.
+    /// The `rows × cols` unit grid the mask works on (`cols` units of `rows` values each):
+    /// the tensor itself, `1 × P`, or the transposed tensor.
     pub const fn units(self, layout: &Layout) -> (usize, usize) {
         match self {
             Importance::ColumnL2 => (layout.rows, layout.cols),
             Importance::ElementAbs => (1, layout.rows * layout.cols),
+            Importance::RowL2 => (layout.cols, layout.rows),
+        }
+    }
+
+    /// Row-major index in the tensor of value `r` of unit `j`.
+    const fn element(self, layout: &Layout, j: usize, r: usize) -> usize {
+        match self {
+            Importance::ColumnL2 => r * layout.cols + j,
+            Importance::ElementAbs => j,
+            Importance::RowL2 => j * layout.cols + r,
+        }
+    }
+}
+
+/// Which axis of a LoRA factor the mask ranks (the spec's `mask_axis`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MaskAxis {
+    /// Columns of the stored tensor: A `[r, d_in]` by its d_in input features, B `[d_out, r]`
+    /// by its r rank components.
+    #[default]
+    Column,
+    /// The non-rank axis of each factor: A by its d_in columns, B by its d_out rows.
+    Feature,
+}
+
+impl MaskAxis {
+    /// Every value, in documentation order.
+    pub const ALL: [MaskAxis; 2] = [MaskAxis::Column, MaskAxis::Feature];
+
+    /// The config/CLI name (`column`, `feature`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            MaskAxis::Column => "column",
+            MaskAxis::Feature => "feature",
+        }
+    }
+
+    /// The value [`name`](Self::name) calls `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.name() == name)
+    }
+
+    /// The importance a tensor of `role` is masked by: `feature` ranks the rows of
+    /// `lora_B` where `column_l2` would rank its columns; everything else is unchanged.
+    pub const fn importance_for(self, importance: Importance, role: TensorRole) -> Importance {
+        match (self, importance, role) {
+            (MaskAxis::Feature, Importance::ColumnL2, TensorRole::LoraB) => Importance::RowL2,
+            _ => importance,
         }
     }
 }
@@ -63,6 +120,8 @@ pub struct MaskConfig {
     /// η ≥ 0: noise standard deviation relative to the rms of the masked columns.
     pub noise_scale: f32,
     pub importance: Importance,
+    /// Which axis of `lora_B` is ranked (see [`MaskAxis::importance_for`]).
+    pub axis: MaskAxis,
 }
 
 impl Default for MaskConfig {
@@ -71,6 +130,7 @@ impl Default for MaskConfig {
             keep_ratio: 1.0,
             noise_scale: 0.0,
             importance: Importance::ColumnL2,
+            axis: MaskAxis::Column,
         }
     }
 }
@@ -116,7 +176,7 @@ pub struct MaskedSummary {
 ///
 /// Writes the K kept column indices, ascending, into `kept_out[..K]` and their values,
 /// column by column (`values_out[k·R + r] = x[r, kept[k]]`), into `values_out[..K·R]`, where
-/// `R × C` is the unit grid of `cfg.importance`. Returns K and σ. `kept_out` needs
+/// `R × C` is the unit grid of the importance `cfg.axis` picks for this tensor's role. Returns K and σ. `kept_out` needs
 /// [`MaskConfig::kept_count`] entries, `values_out` `K·R`. Memory: the scratch (`2·C` words).
 /// Columns rank by importance, descending; ties go to the lower index. Rejects NaN/Inf.
 pub fn mask_encode<T: Element>(
@@ -129,7 +189,8 @@ pub fn mask_encode<T: Element>(
 ) -> Result<MaskedSummary, Error> {
     cfg.validate()?;
     check_len(layout.len(), x.len())?;
-    let (rows, cols) = cfg.importance.units(layout);
+    let importance = cfg.axis.importance_for(cfg.importance, layout.role);
+    let (rows, cols) = importance.units(layout);
     if cols > u32::MAX as usize {
         return Err(ErrorKind::BadShape.into());
     }
@@ -146,10 +207,16 @@ pub fn mask_encode<T: Element>(
     let norms = &mut scratch.norms[..cols];
     let order = &mut scratch.order[..cols];
     norms.fill(0.0);
-    for row in x.chunks_exact(cols) {
-        for (s, v) in norms.iter_mut().zip(row) {
-            let v = v.to_f32();
-            *s += v * v;
+    if importance == Importance::RowL2 {
+        for (s, row) in norms.iter_mut().zip(x.chunks_exact(rows)) {
+            *s = row.iter().map(|v| v.to_f32() * v.to_f32()).sum();
+        }
+    } else {
+        for row in x.chunks_exact(cols) {
+            for (s, v) in norms.iter_mut().zip(row) {
+                let v = v.to_f32();
+                *s += v * v;
+            }
         }
     }
     check_finite_sumsq(x, norms)?;
@@ -173,7 +240,7 @@ pub fn mask_encode<T: Element>(
 
     for (c, &j) in kept.iter().enumerate() {
         for r in 0..rows {
-            values_out[c * rows + r] = x[r * cols + j as usize];
+            values_out[c * rows + r] = x[importance.element(layout, j as usize, r)];
         }
     }
     // Sum the masked columns directly (not total − kept, which cancels badly when the kept
@@ -290,6 +357,24 @@ pub fn mask_reconstruct<T: Element, K: KeptColumns>(
     }
     let round = rounding_of(dtype);
     let mut noise = GaussianStream::new(noise_rng(seed, tensor_index));
+    if importance == Importance::RowL2 {
+        // Whole rows kept or masked; the noise still fills masked entries in row-major order.
+        let mut next_kept = 0usize;
+        for (i, row) in out.chunks_exact_mut(rows).enumerate() {
+            let is_kept = next_kept < k && kept.index(next_kept) == i;
+            for (r, o) in row.iter_mut().enumerate() {
+                *o = if is_kept {
+                    T::from_f32(round(kept.value(next_kept, r, rows)))
+                } else if sigma == 0.0 {
+                    T::from_f32(0.0)
+                } else {
+                    T::from_f32(round(sigma * noise.next_normal() as f32))
+                };
+            }
+            next_kept += usize::from(is_kept);
+        }
+        return Ok(());
+    }
     for (r, row) in out.chunks_exact_mut(cols).enumerate() {
         let mut next_kept = 0usize;
         for (j, o) in row.iter_mut().enumerate() {

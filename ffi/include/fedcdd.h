@@ -626,6 +626,11 @@ typedef struct fedcdd_tensor_view {
  */
 #define FEDCDD_IMPORTANCE_ELEMENT_ABS 1
 
+/**
+ * `‖X[i, :]‖₂` per row (whole rows kept or masked).
+ */
+#define FEDCDD_IMPORTANCE_ROW_L2 2
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus

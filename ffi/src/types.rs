@@ -104,6 +104,8 @@ pub type fedcdd_importance = u32;
 pub const FEDCDD_IMPORTANCE_COLUMN_L2: fedcdd_importance = 0;
 /// `|x|` per element (the tensor as one row).
 pub const FEDCDD_IMPORTANCE_ELEMENT_ABS: fedcdd_importance = 1;
+/// `‖X[i, :]‖₂` per row (whole rows kept or masked).
+pub const FEDCDD_IMPORTANCE_ROW_L2: fedcdd_importance = 2;
 
 /// Pass to `fedcdd_aggregator_add_upload` as `num_samples` to use the sample count in the
 /// upload's header.
@@ -282,6 +284,7 @@ pub(crate) fn importance_of(code: fedcdd_importance) -> FfiResult<Importance> {
     match code {
         FEDCDD_IMPORTANCE_COLUMN_L2 => Ok(Importance::ColumnL2),
         FEDCDD_IMPORTANCE_ELEMENT_ABS => Ok(Importance::ElementAbs),
+        FEDCDD_IMPORTANCE_ROW_L2 => Ok(Importance::RowL2),
         other => Err(invalid(format!("unknown importance {other}"))),
     }
 }
@@ -385,6 +388,7 @@ pub(crate) fn settings_of(c: &fedcdd_config) -> FfiResult<Settings> {
         weighting,
         renormalize: c.renormalize != 0,
         server_lr: c.server_lr,
+        components: fedcdd_core::Components::Both,
     };
     let opt = ServerOptConfig {
         rule: algorithm

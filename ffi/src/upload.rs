@@ -46,6 +46,7 @@ pub(crate) fn encode(
         keep_ratio: opts.keep_ratio,
         noise_scale: opts.noise_scale,
         importance: importance_of(opts.importance)?,
+        axis: fedcdd_core::MaskAxis::Column,
     };
     mask.validate()
         .map_err(|e| invalid(format!("encode options: {}", e.kind)))?;

@@ -132,6 +132,7 @@ fn fedcdd_batch_and_streaming_equal_core_for_every_switch() {
                         weighting,
                         renormalize: renorm != 0,
                         server_lr: lr,
+                        components: fedcdd_core::Components::Both,
                     };
                     let want_batch = core_fedcdd_batch(&core_cfg, &global, &clients);
                     let want_stream = core_fedcdd_streaming(&core_cfg, &global, &clients);
@@ -571,6 +572,7 @@ fn encode_decode_round_trip_equals_core_mask() {
                     keep_ratio: keep,
                     noise_scale: noise,
                     importance,
+                    axis: fedcdd_core::MaskAxis::Column,
                 };
                 for (k, g) in global.iter().enumerate() {
                     let info = up.info(k).unwrap();
@@ -1460,7 +1462,7 @@ fn bad_configs_are_refused() {
         &["dtype 3"],
     );
     let mut o = encode_options(1.0, 0.0, 0);
-    o.importance = 2;
+    o.importance = 3;
     expect_err(
         encode(&o, &global, &global),
         FEDCDD_ERR_INVALID_ARGUMENT,

@@ -236,6 +236,7 @@ fn check_cpp_output(stdout: &str) {
         keep_ratio: 0.5,
         noise_scale: 0.5,
         importance: Importance::ColumnL2,
+        axis: fedcdd_core::MaskAxis::Column,
     };
     let masked: Vec<(u32, f64, Vec<Tensor>)> = example_clients()
         .into_iter()

@@ -44,8 +44,8 @@ class AppConfig:
                 setattr(app, rest.replace("-", "_"), value)
                 continue
             name = "model" if (prefix, rest) == ("model", "name") else rest.replace("-", "_")
-            if name == "server_lr" and float(value) == 0.0:
-                continue  # the algorithm's default rate
+            if name in ("server_lr", "keep_ratio") and float(value) == 0.0:
+                continue  # the algorithm's default
             app.run[name] = value
         if app.upload not in UPLOAD_MODES:
             raise ValueError(f"fedcdd.upload {app.upload!r}: expected one of {UPLOAD_MODES}")

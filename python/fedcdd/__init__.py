@@ -173,7 +173,7 @@ _NORM = {"column": 0, "row": 1, "rank": 2}
 _TARGET = {"delta": 0, "weights": 1}
 _WEIGHTING = {"p_relu": 0, "relu": 1, "softmax": 2, "samples": 3, "uniform": 4}
 _VARIANT = {"reddi": 0, "openfedllm": 1}
-_IMPORTANCE = {"column_l2": 0, "element_abs": 1}
+_IMPORTANCE = {"column_l2": 0, "element_abs": 1, "row_l2": 2}
 _UPLOAD_DTYPE = {None: N.DTYPE_AS_INPUT, "f32": N.DTYPE_F32, "f16": N.DTYPE_F16, "bf16": N.DTYPE_BF16}
 
 

@@ -15,7 +15,7 @@ anything is reconstructed. The JSON written is
 
     {"version", "round", "client_id", "num_samples", "byte_len",
      "tensors": [{"name", "dims", "dtype": "f32"|"f16"|"bf16", "kind": "dense"|"masked",
-                  "importance": "column_l2"|"element_abs"|null,
+                  "importance": "column_l2"|"element_abs"|"row_l2"|null,
                   "kept": [indices] | null, "sigma": float | null, "sigma_bits": u32 | null,
                   "seed": int | null, "bits": [u32] | null}]}
 
@@ -50,7 +50,7 @@ MAX_DIMS = 4
 MAX_ELEMENTS = 1 << 31
 DTYPES = {0: ("f32", 4), 1: ("f16", 2), 2: ("bf16", 2)}
 KINDS = {0: "dense", 1: "masked"}
-IMPORTANCES = {0: "column_l2", 1: "element_abs"}
+IMPORTANCES = {0: "column_l2", 1: "element_abs", 2: "row_l2"}
 # Smallest possible record: name length (1) + name (1) + dims count (1) + one dim (1) +
 # dtype (1) + payload kind (1) + one 2-byte value (dense f16/bf16). Bounds num_tensors.
 MIN_RECORD_LEN = 8
@@ -386,8 +386,10 @@ def parse_record(rd, index):
         raise FormatError("unknown importance %d" % imp_code)
     if imp_code == 0:
         r_units, c_units = rows, cols
-    else:
+    elif imp_code == 1:
         r_units, c_units = 1, p
+    else:
+        r_units, c_units = cols, rows
     k = rd.varint(32, "kept count")
     if k == 0:
         raise FormatError("no kept columns (K = 0)")
@@ -467,16 +469,24 @@ def reconstruct(rec):
     out = []
     append = out.append
     zero = sigma == 0.0  # also true for -0.0
+
+    def masked_value():
+        if zero:
+            return 0
+        z32 = round_f32(gen.next_normal())
+        return round_to_dtype_bits(f32_bits(sigma * z32), dtype)
+
+    if rec["importance"] == "row_l2":
+        # Units are the tensor's rows (C of them, R values each): row-major is unit by unit.
+        for c in range(C):
+            k = pos_of.get(c)
+            for r in range(R):
+                append(stored[k * R + r] if k is not None else masked_value())
+        return out
     for r in range(R):
         for c in range(C):
             k = pos_of.get(c)
-            if k is not None:
-                append(stored[k * R + r])
-            elif zero:
-                append(0)
-            else:
-                z32 = round_f32(gen.next_normal())
-                append(round_to_dtype_bits(f32_bits(sigma * z32), dtype))
+            append(stored[k * R + r] if k is not None else masked_value())
     # Units are the tensor's elements in row-major order in both layouts (R×C = rows×cols,
     # or 1×P), so `out` is already row-major.
     return out

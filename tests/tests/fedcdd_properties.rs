@@ -6,9 +6,9 @@ mod common;
 
 use common::*;
 use fedcdd_core::{
-    BatchReport, ClientAgreement, ClientInput, Error, ErrorKind, FedCddConfig, FedCddSummary,
-    Layout, NormAxis, StreamingFedCdd, Target, TensorRole, TensorView, Weighting, bf16, f16,
-    fedcdd_batch,
+    BatchReport, ClientAgreement, ClientInput, Components, Error, ErrorKind, FedCddConfig,
+    FedCddSummary, Layout, NormAxis, StreamingFedCdd, Target, TensorRole, TensorView, Weighting,
+    bf16, f16, fedcdd_batch,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -112,6 +112,7 @@ fn cfg(
         weighting,
         renormalize,
         server_lr: lr,
+        components: Components::Both,
     }
 }
 
@@ -127,6 +128,15 @@ fn all_configs() -> Vec<FedCddConfig> {
                     let lr = if k % 2 == 0 { 1.0 } else { 0.7 };
                     k += 1;
                     v.push(cfg(axis, target, weighting, renormalize, lr));
+                }
+            }
+            // The one-part readings (ablations), with alignment on.
+            for components in [Components::ConsensusOnly, Components::DivergenceOnly] {
+                for renormalize in [true, false] {
+                    v.push(FedCddConfig {
+                        components,
+                        ..cfg(axis, target, Weighting::PRelu, renormalize, 0.7)
+                    });
                 }
             }
         }
@@ -173,8 +183,8 @@ fn ref_clients(data: &[(f32, Vec<f32>)]) -> Vec<(f64, Vec<f64>)> {
 
 fn describe(c: &FedCddConfig, rows: usize, cols: usize, role: TensorRole) -> String {
     format!(
-        "{rows}x{cols} {role:?} axis={:?} target={:?} weighting={:?} renorm={} lr={}",
-        c.norm_axis, c.target, c.weighting, c.renormalize, c.server_lr
+        "{rows}x{cols} {role:?} axis={:?} target={:?} weighting={:?} renorm={} lr={} {:?}",
+        c.norm_axis, c.target, c.weighting, c.renormalize, c.server_lr, c.components
     )
 }
 
@@ -212,6 +222,9 @@ fn well_conditioned(
 ) -> bool {
     let r = ref_fedcdd(c, rows, cols, role, g, data);
     if c.renormalize && r.cancellation <= 1e-2 {
+        return false;
+    }
+    if c.components != Components::Both && r.mean_cancellation <= 1e-2 {
         return false;
     }
     if data.len() > 1 && matches!(c.weighting, Weighting::PRelu | Weighting::Relu) {
@@ -1212,8 +1225,10 @@ fn workspace_too_small_and_bound() {
             } else {
                 cols
             };
+            // One-part ablations keep FedAvg's mean too: P more.
+            let extra = usize::from(c.components != Components::Both) * rows * cols;
             assert!(
-                need <= 5 * rows * cols + 3 * groups,
+                need <= 5 * rows * cols + 3 * groups + extra,
                 "{}: workspace {need} over the documented 5P + 3G",
                 describe(&c, rows, cols, role)
             );

@@ -460,3 +460,103 @@ fn scaffold_with_sgd_clients_uses_the_spec_control_update() {
         assert!(tensors.iter().any(|t| t.data.iter().any(|&v| v != 0.0)));
     }
 }
+
+fn run_dirs(sweep: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(sweep.join("runs"))
+        .map(|d| d.filter_map(|e| Some(e.ok()?.path())).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// `fedcdd sweep`: the grid's cross product runs once per distinct resolved config (grid
+/// values that resolve alike share one run; the verdict table compares the algorithms); a second call reuses every run and prints the
+/// same table; a sweep killed mid-run resumes and ends with the same adapters.
+#[test]
+fn sweep_shares_reuses_and_resumes_runs() {
+    let f = fixture();
+    let dir = f.root.join("sweep");
+    fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("base.toml");
+    write_config(&cfg, "fedavg", 3);
+    let sweep = |out: &Path| -> Vec<String> {
+        [
+            "sweep",
+            &s(&cfg),
+            "--grid",
+            "algorithm=fedavg,fedcdd",
+            // Uploads are dense: the noise scale does not matter, so both are one run.
+            "--set",
+            "keep_ratio=1.0",
+            "--grid",
+            "noise_scale=0.1,0.2",
+            "--out",
+            &s(out),
+        ]
+        .map(str::to_string)
+        .to_vec()
+    };
+    let a = dir.join("a");
+    let first = fedcdd(sweep(&a)).ok();
+    assert!(first.stderr.contains("(2 distinct configs)"), "{first}");
+    assert_eq!(run_dirs(&a).len(), 2);
+    for row in [
+        "| fedavg | 0.1 | 1 |",
+        "| fedavg | 0.2 | 1 |",
+        "| fedcdd | 0.1 | 1 |",
+    ] {
+        assert!(first.stdout.contains(row), "no row {row}: {first}");
+    }
+    assert!(
+        first.stdout.contains("| fedcdd | noise_scale=0.2 |"),
+        "{first}"
+    );
+    for file in ["sweep.md", "sweep.csv", "sweep_points.csv", "sweep.svg"] {
+        assert!(a.join(file).is_file(), "{file} missing");
+    }
+    let again = fedcdd(sweep(&a)).ok();
+    assert_eq!(again.stderr.matches("(reused)").count(), 4, "{again}");
+    assert_eq!(first.stdout, again.stdout);
+
+    // Killed once a run has checkpointed a round, then resumed.
+    let b = dir.join("b");
+    let mut child = Command::new(fedcdd_bin())
+        .args(sweep(&b))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start fedcdd");
+    let t0 = Instant::now();
+    let cut = loop {
+        if let Some(d) = run_dirs(&b).into_iter().find(|d| rounds_done(d) >= 1) {
+            break d;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(300), "no checkpoint");
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the sweep ended ({status}) before it could be killed");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(rounds_done(&cut) < 3, "the run finished before the kill");
+    fedcdd(sweep(&b)).ok();
+    // The same scores and bytes (the per-run seconds differ, so not the printed table).
+    let points = |d: &Path| fs::read_to_string(d.join("sweep_points.csv")).unwrap();
+    assert_eq!(points(&a), points(&b));
+    for run in run_dirs(&a) {
+        let name = run.file_name().unwrap();
+        let adapter = |root: &Path| {
+            fs::read(
+                root.join("runs")
+                    .join(name)
+                    .join("adapter/adapter_model.safetensors"),
+            )
+            .unwrap()
+        };
+        assert!(
+            adapter(&a) == adapter(&b),
+            "{name:?}: resumed adapter differs"
+        );
+    }
+}

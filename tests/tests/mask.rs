@@ -6,8 +6,9 @@ mod common;
 use common::*;
 use fedcdd_core::mask::{KeptSlices, SplitMix64, Xoshiro256PlusPlus};
 use fedcdd_core::{
-    DType, Element, ErrorKind, Importance, Layout, MaskConfig, MaskScratch, TensorRole, Upload,
-    UploadHeader, UploadWriter, bf16, f16, mask_encode, mask_reconstruct,
+    DType, DeltaTensor, Element, ErrorKind, Importance, Layout, MaskAxis, MaskConfig, MaskScratch,
+    TensorRole, Upload, UploadHeader, UploadPlan, UploadWriter, bf16, f16, mask_encode,
+    mask_reconstruct,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -25,6 +26,7 @@ fn mask_cfg(keep_ratio: f32, noise_scale: f32, importance: Importance) -> MaskCo
         keep_ratio,
         noise_scale,
         importance,
+        axis: MaskAxis::Column,
     }
 }
 
@@ -793,4 +795,117 @@ fn mask_reconstruct_rejects_bad_kept_lists() {
         run(&[0, 3], 0.5, 7).unwrap_err().kind,
         ErrorKind::ShapeMismatch { .. }
     ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// mask_axis = feature
+// ---------------------------------------------------------------------------------------------
+
+/// `mask_axis = feature`: `lora_B` `[d_out, r]` is ranked by its d_out rows (the K rows of
+/// largest L2 norm kept whole, σ from the masked rows), `lora_A` exactly as by columns; an
+/// upload written that way reconstructs on the server to the client's own masked tensor.
+#[test]
+fn feature_axis_masks_lora_b_by_rows() {
+    let mut rng = Rng::new(77);
+    let (d_out, r) = (12, 4);
+    let b_layout = Layout::new(d_out, r, TensorRole::LoraB);
+    let x: Vec<f32> = random_tensor(&mut rng, d_out * r);
+    let cfg = MaskConfig {
+        keep_ratio: 0.25,
+        noise_scale: 0.5,
+        importance: Importance::ColumnL2,
+        axis: MaskAxis::Feature,
+    };
+    let k = cfg.kept_count(d_out);
+    assert_eq!(k, 3);
+    let (mut norms, mut order) = (vec![f32::NAN; d_out], vec![u32::MAX; d_out]);
+    let (mut kept, mut values) = (vec![u32::MAX; k], vec![f32::NAN; k * r]);
+    let s = mask_encode(
+        &x,
+        &b_layout,
+        &cfg,
+        MaskScratch {
+            norms: &mut norms,
+            order: &mut order,
+        },
+        &mut kept,
+        &mut values,
+    )
+    .unwrap();
+    // Independent ranking of the rows: the columns of the transpose.
+    let xt: Vec<f64> = (0..r)
+        .flat_map(|j| (0..d_out).map(move |i| (i, j)))
+        .map(|(i, j)| x[i * r + j] as f64)
+        .collect();
+    let (want, gap) = ref_kept(&xt, r, d_out, k);
+    assert!(gap > 1e-4, "test data too close to a tie");
+    assert_eq!(kept, want);
+    for (c, &i) in kept.iter().enumerate() {
+        let i = i as usize;
+        assert_eq!(&values[c * r..(c + 1) * r], &x[i * r..(i + 1) * r]);
+    }
+    let masked: Vec<f64> = (0..d_out)
+        .filter(|i| !kept.contains(&(*i as u32)))
+        .flat_map(|i| x[i * r..(i + 1) * r].iter().map(|&v| v as f64))
+        .collect();
+    let rms = (masked.iter().map(|v| v * v).sum::<f64>() / masked.len() as f64).sqrt();
+    assert!((s.sigma as f64 - 0.5 * rms).abs() < 1e-5 * rms);
+
+    // The client's masked tensor: kept rows exact, every other row noise.
+    let e = Encoded {
+        kept: kept.clone(),
+        values,
+        sigma: s.sigma,
+    };
+    let own = client_masked(&b_layout, Importance::RowL2, &e, 9, 0);
+    for i in 0..d_out {
+        let row = &own[i * r..(i + 1) * r];
+        if kept.contains(&(i as u32)) {
+            assert_eq!(row, &x[i * r..(i + 1) * r]);
+        } else {
+            assert!(row.iter().zip(&x[i * r..]).all(|(a, b)| a != b), "row {i}");
+        }
+    }
+
+    // lora_A is masked by its columns under either axis.
+    let a_layout = Layout::new(r, d_out, TensorRole::LoraA);
+    let column = MaskConfig {
+        axis: MaskAxis::Column,
+        ..cfg
+    };
+    assert_eq!(
+        encode(&x, &a_layout, &cfg).kept,
+        encode(&x, &a_layout, &column).kept
+    );
+
+    // Through the wire: the server rebuilds the client's tensor bit for bit.
+    let names = ["m.lora_A.weight", "m.lora_B.weight"];
+    let deltas = [
+        DeltaTensor {
+            name: names[0],
+            dims: &[r, d_out],
+            dtype: DType::F32,
+            values: &x,
+        },
+        DeltaTensor {
+            name: names[1],
+            dims: &[d_out, r],
+            dtype: DType::F32,
+            values: &x,
+        },
+    ];
+    let plan = UploadPlan::new(&deltas, UploadHeader::new(1, 2, 3, 2), &cfg, 9).unwrap();
+    assert_eq!(plan.tensors[0].importance, Importance::ColumnL2);
+    assert_eq!(plan.tensors[1].importance, Importance::RowL2);
+    assert_eq!(plan.tensors[1].kept, kept);
+    let bytes = plan.to_bytes().unwrap();
+    let upload = Upload::parse(&bytes).unwrap();
+    let rec = upload.records().nth(1).unwrap().unwrap();
+    let mut server = vec![f32::NAN; d_out * r];
+    rec.reconstruct(&mut server).unwrap();
+    let own = client_masked(&b_layout, Importance::RowL2, &e, 9, 1);
+    assert_eq!(
+        server.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        own.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    );
 }

@@ -54,7 +54,7 @@ fn enc_header(
 #[derive(Clone, Copy)]
 enum Head {
     Dense,
-    /// importance variant (0 ColumnL2, 1 ElementAbs), K, σ, seed
+    /// importance variant (0 ColumnL2, 1 ElementAbs, 2 RowL2), K, σ, seed
     Masked(u8, u32, f32, u64),
 }
 
@@ -805,10 +805,25 @@ fn malformed_uploads_give_specific_errors() {
     b.extend(f32_bytes(&[1.0, 2.0]));
     expect_bad(&with_crc(b), "malformed", Some(0));
     let mut b = enc_header(MAGIC, 1, 0, 0, 1, 1);
-    enc_head(&mut b, b"t", &[2, 2], 0, Head::Masked(2, 1, 0.5, 1));
+    enc_head(&mut b, b"t", &[2, 2], 0, Head::Masked(3, 1, 0.5, 1));
     b.extend(u32_bytes(&[0]));
     b.extend(f32_bytes(&[1.0, 2.0]));
     expect_bad(&with_crc(b), "malformed", Some(0));
+    // Importance 2 (row L2) is known: the same record parses, its unit a row.
+    let mut b = enc_header(MAGIC, 1, 0, 0, 1, 1);
+    enc_head(&mut b, b"t", &[2, 2], 0, Head::Masked(2, 1, 0.5, 1));
+    b.extend(u32_bytes(&[1]));
+    b.extend(f32_bytes(&[1.0, 2.0]));
+    let b = with_crc(b);
+    let up = Upload::parse(&b).unwrap();
+    let mut out = [0.0f32; 4];
+    up.records()
+        .next()
+        .unwrap()
+        .unwrap()
+        .reconstruct(&mut out)
+        .unwrap();
+    assert_eq!(&out[2..], &[1.0, 2.0], "row 1 kept");
 
     // Masked records: a valid one, then broken variants of it. [2, 4] tensor, column units.
     let masked_record = |k: u32, sigma: f32, kept: &[u32], values: usize| {

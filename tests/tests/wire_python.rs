@@ -212,6 +212,7 @@ fn importance_name(i: Importance) -> &'static str {
     match i {
         Importance::ColumnL2 => "column_l2",
         Importance::ElementAbs => "element_abs",
+        Importance::RowL2 => "row_l2",
     }
 }
 
@@ -793,6 +794,7 @@ fn rand_masked(
     let (r, c) = match importance {
         Importance::ColumnL2 => (rows, p / rows),
         Importance::ElementAbs => (1, p),
+        Importance::RowL2 => (p / rows, rows),
     };
     let mut cols: Vec<u32> = (0..c as u32).collect();
     // Partial Fisher–Yates for K distinct columns.
@@ -823,7 +825,7 @@ fn dense(rng: &mut Rng, name: &str, dims: &[usize], dtype: DType, scale: f64) ->
     }
 }
 
-/// Uploads exercising every shape rank, both importances, every dtype, K = C, σ = 0,
+/// Uploads exercising every shape rank, every importance, every dtype, K = C, σ = 0,
 /// σ so small the noise is subnormal, σ so large it overflows, extreme seeds, non-ASCII names
 /// and record indices past 127.
 fn writer_uploads() -> Vec<(String, Vec<u8>)> {
@@ -842,10 +844,14 @@ fn writer_uploads() -> Vec<(String, Vec<u8>)> {
     let mut n = 0u64;
     for dims in shapes {
         for dtype in [F32, F16, BF16] {
-            for importance in [ColumnL2, ElementAbs] {
+            for importance in [ColumnL2, ElementAbs, RowL2] {
                 let p: usize = dims.iter().product();
                 let rows = if dims.len() == 1 { 1 } else { dims[0] };
-                let c = if importance == ColumnL2 { p / rows } else { p };
+                let c = match importance {
+                    ColumnL2 => p / rows,
+                    ElementAbs => p,
+                    RowL2 => rows,
+                };
                 let k = 1 + (n as usize % c);
                 n += 1;
                 recs.push(rand_masked(

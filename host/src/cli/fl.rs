@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use fedcdd_core::Algorithm;
 
+use crate::fl::sweep::{SweepSpec, sweep};
 use crate::fl::{RunConfig, STOP, compare, default_run_dir, run_one};
 use crate::progress::Reporter;
 use crate::report::summary_table;
@@ -19,12 +20,14 @@ use super::output::print_stdout;
     fedcdd run --set algorithm=fedavg --set rounds=4\n  \
     fedcdd run exp.toml --out runs/exp1          # your config (flat TOML, keys as in config.toml of any run)\n  \
     fedcdd run --resume runs/exp1                # continue after the last complete round\n\n\
-    Every key of the run's config.toml can be set: algorithm, seed, model, data, client_data, \
-    eval_data, partition (domain | iid | dirichlet:A), num_clients, sample_clients, rounds, \
-    local_steps, batch, micro_batch, seq, lr, lr_min, optimizer, lora_r, lora_alpha, \
-    lora_dropout, lora_targets, fedprox_mu, keep_ratio, noise_scale, importance, upload_dtype, \
-    server_lr, server_beta1, server_beta2, server_tau, fedopt_variant, norm_axis, target, \
-    weighting, renormalize, eval_every, eval_questions, references, ...")]
+    Every key of the run's config.toml can be set: algorithm, seed, model (builtin | \
+    builtin-small | DIR), benchmark (v2 | v1), data, client_data, eval_data, partition (domain | \
+    iid | dirichlet:A), num_clients, sample_clients, rounds, local_steps, batch, micro_batch, \
+    seq, lr, lr_min, optimizer, lora_r, lora_alpha, lora_dropout, lora_targets, fedprox_mu, \
+    keep_ratio (default: 0.5 for fedcdd, 1 = dense for the baselines), noise_scale, importance, \
+    mask_axis (column | feature), upload_dtype, server_lr, server_beta1, server_beta2, \
+    server_tau, fedopt_variant, norm_axis, target, weighting, renormalize, components (both | \
+    consensus_only | divergence_only), eval_every, eval_questions, references, ...")]
 pub struct RunArgs {
     /// Run configuration (flat TOML); default: the built-in benchmark with FedCDD.
     pub config: Option<PathBuf>,
@@ -45,9 +48,9 @@ pub struct RunArgs {
 }
 
 #[derive(Args, Debug, Clone)]
-#[command(
-    after_help = "Example:\n  fedcdd compare --algorithms fedavg,fedcdd --seeds 3 --set rounds=6"
-)]
+#[command(after_help = "Examples:\n  \
+    fedcdd compare --algorithms fedavg,fedcdd --seeds 5     # intervals over 5 seeds, paired test vs fedavg\n  \
+    fedcdd compare --algorithms scaffold,fedcdd --seeds 3 --baseline scaffold --set rounds=6")]
 pub struct CompareArgs {
     /// Shared run configuration (flat TOML); default: the built-in benchmark.
     pub config: Option<PathBuf>,
@@ -62,12 +65,53 @@ pub struct CompareArgs {
         default_value = "fedavg,fedprox,scaffold,fedavgm,fedadam,fedyogi,fedadagrad,ffa-lora,fedsa-lora,flora,fedcdd"
     )]
     pub algorithms: Vec<String>,
-    /// Seeds per algorithm (seed, seed+1, ...).
+    /// Seeds per algorithm (seed, seed+1, ...): with 2 or more, intervals over seeds and
+    /// paired tests against the baseline.
     #[arg(long, default_value_t = 1)]
     pub seeds: u64,
+    /// Algorithm the others' paired differences are taken against [default: fedavg when it
+    /// is compared]; `none` for no paired table.
+    #[arg(long)]
+    pub baseline: Option<String>,
     /// Directory of the runs and the comparison report; finished runs inside are reused.
     #[arg(long, default_value = "runs/compare")]
     pub out: PathBuf,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+#[command(
+    after_help = "A sweep file is a run config with a [sweep] table:\n\n  \
+    rounds = 10\n  \
+    [sweep]\n  \
+    seeds = 3\n  \
+    grid.algorithm = [\"fedavg\", \"fedcdd\"]\n  \
+    grid.partition = [\"iid\", \"dirichlet:0.3\", \"domain\"]\n\n\
+    Examples:\n  \
+    fedcdd sweep experiments/heterogeneity.toml --out runs/heterogeneity\n  \
+    fedcdd sweep --grid algorithm=fedavg,fedcdd --grid keep_ratio=0.1,0.5,1 --seeds 3 --set rounds=5\n\n\
+    The first grid key is the plot's x groups; each row's difference is taken against the \
+    first row (put the default first). Ready-made sweeps are in experiments/."
+)]
+pub struct SweepArgs {
+    /// Sweep file: a run config plus `[sweep]` with `seeds` and `grid.KEY = [values]`.
+    pub config: Option<PathBuf>,
+    /// A grid key and its values: `--grid keep_ratio=0.1,0.5,1` (repeat for more keys;
+    /// replaces the file's values of that key; commas inside [..] or "..." do not split).
+    #[arg(long = "grid", value_name = "KEY=V1,V2,...")]
+    pub grids: Vec<String>,
+    /// Override one shared key: `--set rounds=4`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Seeds per grid point (seed, seed+1, ...) [default: the file's, else 1].
+    #[arg(long)]
+    pub seeds: Option<u64>,
+    /// Directory of the runs (`runs/<config hash>`) and the report; finished runs inside
+    /// are reused, interrupted ones resumed.
+    #[arg(long, default_value = "runs/sweep")]
+    pub out: PathBuf,
+    /// Only errors and the final table.
     #[arg(long)]
     pub quiet: bool,
 }
@@ -176,7 +220,31 @@ pub fn cmd_compare(a: &CompareArgs) -> Result<()> {
             )
         })?);
     }
-    match compare(&base, &algorithms, a.seeds, &a.out, &rep)? {
+    let baseline = match a.baseline.as_deref() {
+        Some("none") => None,
+        Some(name) => {
+            let b = Algorithm::from_name(name)
+                .with_context(|| format!("--baseline {name:?}: not an algorithm (or `none`)"))?;
+            if !algorithms.contains(&b) {
+                bail!("--baseline {name}: it is not among --algorithms");
+            }
+            Some(b)
+        }
+        None => algorithms
+            .contains(&Algorithm::FedAvg)
+            .then_some(Algorithm::FedAvg),
+    };
+    match compare(&base, &algorithms, a.seeds, baseline, &a.out, &rep)? {
+        Some(table) => print_stdout(&table),
+        None => std::process::exit(130),
+    }
+}
+
+pub fn cmd_sweep(a: &SweepArgs) -> Result<()> {
+    install_ctrl_c();
+    let rep = Reporter::new(a.quiet);
+    let spec = SweepSpec::load(a.config.as_deref(), &a.sets, &a.grids, a.seeds)?;
+    match sweep(&spec, &a.out, &rep)? {
         Some(table) => print_stdout(&table),
         None => std::process::exit(130),
     }

@@ -57,8 +57,12 @@ pub enum Command {
     /// Federated LoRA fine-tuning: rounds of clients, any algorithm, per-domain report.
     /// With no arguments: FedCDD on the built-in benchmark and base model (CPU, minutes).
     Run(fl::RunArgs),
-    /// The same setup for several algorithms and seeds: mean ± std per domain, ranks, plot.
+    /// The same setup for several algorithms and seeds: 95 % intervals over seeds, paired
+    /// tests against a baseline, worst domain, ranks, plot.
     Compare(fl::CompareArgs),
+    /// A grid of config values × seeds, one run per point (finished runs reused,
+    /// interrupted ones resumed): a table with intervals, CSV and plots
+    Sweep(fl::SweepArgs),
     /// Benchmarks (reported next to this machine's own reference figures).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -90,6 +94,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => model::run_train(&a),
         Command::Run(a) => fl::cmd_run(&a),
         Command::Compare(a) => fl::cmd_compare(&a),
+        Command::Sweep(a) => fl::cmd_sweep(&a),
         Command::InitAdapter(a) => model::run_init_adapter(&a),
         Command::Merge(a) => model::run_merge(&a),
         Command::Eval(a) => {

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use fedcdd_core::{
-    Algorithm, DType, FedOptVariant, Importance, MaskConfig, NormAxis, Payload, Target, Weighting,
+    Algorithm, Components, DType, FedOptVariant, Importance, MaskAxis, MaskConfig, NormAxis,
+    Payload, Target, Weighting,
 };
 
 use crate::fl::strategy::{NextGlobal, ServerRound, StrategyOptions, for_algorithm};
@@ -85,6 +86,26 @@ pub enum ImportanceArg {
     ColumnL2,
     #[value(name = "element_abs")]
     ElementAbs,
+    #[value(name = "row_l2")]
+    RowL2,
+}
+
+fn parse_components(s: &str) -> Result<Components, String> {
+    Components::from_name(s).ok_or_else(|| {
+        format!(
+            "expected one of {}",
+            Components::ALL.map(|c| c.name()).join(", ")
+        )
+    })
+}
+
+fn parse_mask_axis(s: &str) -> Result<MaskAxis, String> {
+    MaskAxis::from_name(s).ok_or_else(|| {
+        format!(
+            "expected one of {}",
+            MaskAxis::ALL.map(|c| c.name()).join(", ")
+        )
+    })
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -168,6 +189,10 @@ pub struct AggregateArgs {
     /// FedCDD: re-normalise the aggregated directions per group.
     #[arg(long, value_enum, default_value = "on")]
     pub renormalize: OnOff,
+    /// FedCDD ablation: both parts, consensus_only (consensus magnitude, FedAvg's direction)
+    /// or divergence_only (FedAvg's magnitude, the aligned direction).
+    #[arg(long, default_value = "both", value_parser = parse_components)]
+    pub components: Components,
     /// Also write a JSON report of the step here.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -193,6 +218,10 @@ pub struct EncodeArgs {
     /// How importance is measured.
     #[arg(long, value_enum, default_value = "column_l2")]
     pub importance: ImportanceArg,
+    /// Which axis of lora_B is ranked: column (its r rank components) or feature (its d_out
+    /// rows).
+    #[arg(long, default_value = "column", value_parser = parse_mask_axis)]
+    pub mask_axis: MaskAxis,
     /// Noise seed [default: derived from --round and --client-id].
     #[arg(long)]
     pub seed: Option<u64>,
@@ -258,6 +287,7 @@ impl AggregateArgs {
             },
             weighting: self.weighting,
             renormalize: matches!(self.renormalize, OnOff::On),
+            components: self.components,
         }
     }
 }
@@ -422,7 +452,9 @@ pub fn cmd_encode(a: EncodeArgs) -> Result<()> {
             importance: match a.importance {
                 ImportanceArg::ColumnL2 => Importance::ColumnL2,
                 ImportanceArg::ElementAbs => Importance::ElementAbs,
+                ImportanceArg::RowL2 => Importance::RowL2,
             },
+            axis: a.mask_axis,
         },
         seed: a.seed,
         round: a.round,

@@ -1,5 +1,5 @@
 //! The built-in base model: a small LLaMA pre-trained on the benchmark's prose
-//! ([`super::builtin::pretrain_texts`]), built once and cached on disk.
+//! ([`Benchmark::pretrain_texts`]), built once and cached on disk.
 //!
 //! The training engine trains LoRA factors only, so pre-training is a full-rank LoRA
 //! (`r` = hidden size on every projection, rsLoRA scaling) merged into the randomly
@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use fedcdd_kernels::{AdamW, RopeScaling, WeightDType};
 
-use crate::data::builtin;
+use crate::data::builtin::Benchmark;
 use crate::data::tokenizer::train_bpe;
 use crate::data::{Record, Tokenizer, tokenize_records};
 use crate::io::write_atomic;
@@ -32,9 +32,37 @@ use crate::train::{Optimizer, TrainOptions, train};
 /// reachable loss over a few hundred tokens is about 3.5 nats. 0.1 allows margins above 10.
 const LM_HEAD_STD: f64 = 0.1;
 
+/// The built-in model sizes (the run config's `model = builtin | builtin-small`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BuiltinSize {
+    /// The default base model of each benchmark.
+    Base,
+    /// A smaller model (fewer layers, narrower), for studies over model size.
+    Small,
+}
+
+impl BuiltinSize {
+    pub const ALL: [BuiltinSize; 2] = [BuiltinSize::Base, BuiltinSize::Small];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            BuiltinSize::Base => "builtin",
+            BuiltinSize::Small => "builtin-small",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.name() == name)
+    }
+}
+
 /// Everything that decides the built-in base model's weights.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct BaseRecipe {
+    /// The benchmark whose prose the model is pre-trained on (absent from the cache key of
+    /// `v1`, whose recipe predates the field, so its cached models stay valid).
+    #[serde(skip_serializing_if = "is_v1")]
+    pub benchmark: Benchmark,
     pub version: u32,
     pub hidden: usize,
     pub layers: usize,
@@ -53,9 +81,46 @@ pub struct BaseRecipe {
     pub seed: u64,
 }
 
+fn is_v1(b: &Benchmark) -> bool {
+    *b == Benchmark::V1
+}
+
 impl Default for BaseRecipe {
+    /// The base model of the default benchmark.
     fn default() -> Self {
+        Self::builtin(Benchmark::default(), BuiltinSize::Base)
+    }
+}
+
+impl BaseRecipe {
+    /// The recipe of the built-in model of `size` for `benchmark`.
+    pub fn builtin(benchmark: Benchmark, size: BuiltinSize) -> Self {
+        let v1 = Self::v1();
+        match (benchmark, size) {
+            (Benchmark::V1, BuiltinSize::Base) => v1,
+            (Benchmark::V2, BuiltinSize::Base) => BaseRecipe {
+                benchmark,
+                version: 7,
+                ..v1
+            },
+            (_, BuiltinSize::Small) => BaseRecipe {
+                benchmark,
+                version: 7,
+                hidden: 64,
+                layers: 2,
+                heads: 2,
+                kv_heads: 1,
+                intermediate: 192,
+                rank: 32,
+                ..v1
+            },
+        }
+    }
+
+    /// The first benchmark's recipe, unchanged since it was tuned (its cache key must not move).
+    fn v1() -> Self {
         BaseRecipe {
+            benchmark: Benchmark::V1,
             version: 6,
             hidden: 128,
             layers: 4,
@@ -74,9 +139,7 @@ impl Default for BaseRecipe {
             seed: 0,
         }
     }
-}
 
-impl BaseRecipe {
     /// A short stable hash of the recipe (the cache key).
     pub fn key(&self) -> String {
         let text = serde_json::to_string(self).unwrap_or_default();
@@ -169,7 +232,7 @@ pub fn build_base(
     log: &mut dyn FnMut(&str),
 ) -> Result<()> {
     let t0 = Instant::now();
-    let tok = train_bpe(&builtin::tokenizer_texts(), recipe.tokenizer_vocab)?;
+    let tok = train_bpe(&recipe.benchmark.tokenizer_texts(), recipe.tokenizer_vocab)?;
     let tok_vocab = tok.get_vocab_size(true);
     let tok_json = tok
         .to_string(false)
@@ -200,11 +263,12 @@ pub fn build_base(
     let ckpt = Checkpoint::open(&init)?;
     let model = Model::load(&be, config.clone(), &ckpt)?;
     let tokenizer = Tokenizer::load(&init)?;
-    let records: Vec<Record> =
-        builtin::pretrain_texts(recipe.lines, recipe.sentences_per_line, recipe.seed)
-            .into_iter()
-            .map(|text| Record::Text { text, domain: None })
-            .collect();
+    let records: Vec<Record> = recipe
+        .benchmark
+        .pretrain_texts(recipe.lines, recipe.sentences_per_line, recipe.seed)
+        .into_iter()
+        .map(|text| Record::Text { text, domain: None })
+        .collect();
     let examples = tokenize_records(&records, &tokenizer)?;
     let longest = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);
     if longest > recipe.seq + 1 {

@@ -7,11 +7,14 @@ use std::str::FromStr;
 
 use anyhow::{Context, Result, bail};
 use fedcdd_core::{
-    Algorithm, DType, FedOptVariant, Importance, MaskConfig, NormAxis, ServerOpt, Target, Weighting,
+    Algorithm, Components, DType, FedOptVariant, Importance, MaskAxis, MaskConfig, NormAxis,
+    ServerOpt, Target, Weighting,
 };
 use serde::{Deserialize, Serialize};
 
+use crate::data::builtin::Benchmark;
 use crate::device::Device;
+use crate::fl::base::BuiltinSize;
 use crate::model::lora::{LoraConfig, parse_targets};
 use crate::server::{ServerOptions, ServerSettings};
 use crate::train::OptimizerKind;
@@ -32,8 +35,13 @@ pub struct RunConfig {
     /// `cpu`; `cuda` is not verified on a GPU yet (an error says so).
     #[serde(with = "named")]
     pub device: Device,
-    /// `builtin` (the built-in base model) or an HF LLaMA model directory.
+    /// `builtin` (the built-in base model of `benchmark`), `builtin-small` (a smaller one,
+    /// built on first use) or an HF LLaMA model directory.
     pub model: String,
+    /// The built-in benchmark: `v2` (conflicting rules, the default) or `v1` (the first
+    /// benchmark, for reproducing older results).
+    #[serde(with = "named")]
+    pub benchmark: Benchmark,
     /// `builtin` (the built-in benchmark) or a JSONL/JSON file of records with a `domain`
     /// (or `category`) field, partitioned by `partition`.
     pub data: String,
@@ -73,11 +81,18 @@ pub struct RunConfig {
     pub rslora: bool,
     /// FedProx μ.
     pub fedprox_mu: f32,
-    /// Upload mask ρ (1 = off) and η; `column_l2` or `element_abs`.
-    pub keep_ratio: f32,
+    /// Upload mask ρ (1 = off). Unset: 0.5 for FedCDD (its mask), 1 (dense, as papers
+    /// compare against) for every baseline.
+    pub keep_ratio: Option<f32>,
+    /// η, the noise of the masked columns relative to their rms.
     pub noise_scale: f32,
+    /// `column_l2`, `element_abs` or `row_l2`.
     #[serde(with = "named")]
     pub importance: Importance,
+    /// Which axis of `lora_B` the mask ranks: `column` (its r rank components) or `feature`
+    /// (its d_out rows).
+    #[serde(with = "named")]
+    pub mask_axis: MaskAxis,
     /// `f32`, `f16` or `bf16` values in uploads.
     #[serde(with = "named")]
     pub upload_dtype: DType,
@@ -99,6 +114,10 @@ pub struct RunConfig {
     #[serde(with = "named")]
     pub weighting: Weighting,
     pub renormalize: bool,
+    /// `both` (FedCDD), `consensus_only` (consensus magnitude, FedAvg's direction) or
+    /// `divergence_only` (FedAvg's magnitude, the aligned direction).
+    #[serde(with = "named")]
+    pub components: Components,
     /// Evaluate the global model every this many rounds (and after the last).
     pub eval_every: usize,
     /// Questions per domain asked for exact-match accuracy (the loss uses up to four times
@@ -119,6 +138,7 @@ impl Default for RunConfig {
             threads: 0,
             device: Device::Cpu,
             model: "builtin".into(),
+            benchmark: Benchmark::V2,
             data: "builtin".into(),
             client_data: Vec::new(),
             eval_data: String::new(),
@@ -141,9 +161,10 @@ impl Default for RunConfig {
             lora_targets: "q,k,v,o,gate,up,down".into(),
             rslora: false,
             fedprox_mu: 0.01,
-            keep_ratio: 0.5,
+            keep_ratio: None,
             noise_scale: 0.1,
             importance: Importance::ColumnL2,
+            mask_axis: MaskAxis::Column,
             upload_dtype: DType::F32,
             server_lr: None,
             server_beta1: 0.9,
@@ -154,8 +175,9 @@ impl Default for RunConfig {
             target: Target::Delta,
             weighting: Weighting::PRelu,
             renormalize: true,
+            components: Components::Both,
             eval_every: 1,
-            eval_questions: 40,
+            eval_questions: 200,
             references: vec![Reference::Centralized],
             builtin_train_items: 2000,
         }
@@ -169,15 +191,18 @@ pub fn apply_sets(table: &mut toml::Table, sets: &[String]) -> Result<()> {
         let (k, v) = s
             .split_once('=')
             .with_context(|| format!("--set {s:?}: expected key=value"))?;
-        let k = k.trim();
-        let parsed = format!("x = {v}")
-            .parse::<toml::Table>()
-            .ok()
-            .and_then(|mut t| t.remove("x"))
-            .unwrap_or_else(|| toml::Value::String(v.to_string()));
-        table.insert(k.to_string(), parsed);
+        table.insert(k.trim().to_string(), parse_value(v));
     }
     Ok(())
+}
+
+/// A value as `--set` reads it: TOML (`3`, `0.5`, `true`, `["a"]`, `"x"`), else a string.
+pub fn parse_value(v: &str) -> toml::Value {
+    format!("x = {v}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("x"))
+        .unwrap_or_else(|| toml::Value::String(v.to_string()))
 }
 
 impl RunConfig {
@@ -211,7 +236,7 @@ impl RunConfig {
         let cfg: RunConfig = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| anyhow::anyhow!("{origin}: {}", with_key(&e)))?;
-        cfg.validate()?;
+        cfg.validate().with_context(|| origin.to_string())?;
         Ok(cfg)
     }
 
@@ -220,7 +245,12 @@ impl RunConfig {
     }
 
     pub fn builtin_model(&self) -> bool {
-        self.model == "builtin"
+        self.builtin_size().is_some()
+    }
+
+    /// The built-in model size `model` names, if it names one.
+    pub fn builtin_size(&self) -> Option<BuiltinSize> {
+        BuiltinSize::from_name(&self.model)
     }
 
     pub fn builtin_data(&self) -> bool {
@@ -253,11 +283,37 @@ impl RunConfig {
         Ok(c)
     }
 
+    /// The same config with the defaults that depend on other keys written out (the keep
+    /// ratio), so that two configs that run identically compare equal.
+    pub fn resolved(mut self) -> RunConfig {
+        let keep = self.effective_keep_ratio();
+        self.keep_ratio = Some(keep);
+        if keep >= 1.0 {
+            // The mask is the identity: how it would rank or fill columns does not matter.
+            let off = RunConfig::default();
+            self.noise_scale = off.noise_scale;
+            self.importance = off.importance;
+            self.mask_axis = off.mask_axis;
+        }
+        self
+    }
+
+    /// The keep ratio in force: `keep_ratio`, else 0.5 for FedCDD and 1 (dense) otherwise.
+    pub fn effective_keep_ratio(&self) -> f32 {
+        self.keep_ratio
+            .unwrap_or(if self.algorithm == Algorithm::FedCdd {
+                0.5
+            } else {
+                1.0
+            })
+    }
+
     pub fn mask(&self) -> Result<MaskConfig> {
         let m = MaskConfig {
-            keep_ratio: self.keep_ratio,
+            keep_ratio: self.effective_keep_ratio(),
             noise_scale: self.noise_scale,
             importance: self.importance,
+            axis: self.mask_axis,
         };
         m.validate().map_err(|e| anyhow::anyhow!("mask: {e}"))?;
         Ok(m)
@@ -283,6 +339,7 @@ impl RunConfig {
             target: self.target,
             weighting: self.weighting,
             renormalize: self.renormalize,
+            components: self.components,
         }
     }
 
@@ -464,6 +521,9 @@ macro_rules! config_value_by_name {
 }
 config_value_by_name!(
     Importance => "importance",
+    Benchmark => "benchmark",
+    MaskAxis => "mask_axis",
+    Components => "components",
     FedOptVariant => "fedopt_variant",
     NormAxis => "norm_axis",
     Target => "target"

@@ -15,6 +15,7 @@ pub mod seeds;
 pub mod session;
 pub mod setup;
 pub mod strategy;
+pub mod sweep;
 
 pub use config::{Partition, Reference, RunConfig};
 pub use run::{compare, default_run_dir, run_one, run_with, strategy_for};

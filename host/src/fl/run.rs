@@ -14,7 +14,9 @@ use fedcdd_kernels::Backend;
 use crate::device::{self, Device};
 use crate::io::{save_adapter, write_atomic};
 use crate::progress::Reporter;
-use crate::report::{CompareResult, EvalPoint, RunReport, write_compare_report, write_run_report};
+use crate::report::{
+    CompareNotes, CompareResult, EvalPoint, RunReport, write_compare_report, write_run_report,
+};
 
 use super::config::RunConfig;
 use super::references::reference_point;
@@ -208,12 +210,14 @@ pub fn compare(
     base: &RunConfig,
     algorithms: &[Algorithm],
     seeds: u64,
+    baseline: Option<Algorithm>,
     out: &Path,
     rep: &Reporter,
 ) -> Result<Option<String>> {
     if seeds == 0 {
         bail!("--seeds must be at least 1");
     }
+    let t0 = std::time::Instant::now();
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut results = Vec::new();
     let mut references: BTreeMap<String, Vec<EvalPoint>> = BTreeMap::new();
@@ -228,23 +232,19 @@ pub fn compare(
                 cfg.references.clear();
             }
             let dir = out.join(format!("{}-s{}", alg.name(), cfg.seed));
-            let report = match finished_report(&dir, &cfg) {
-                Some(r) => {
-                    rep.line(&format!(
-                        "{} seed {}: reusing the finished run in {}",
-                        alg.name(),
-                        cfg.seed,
-                        dir.display()
-                    ));
+            let report = match run_or_reuse(&cfg, &dir, rep)? {
+                Some((r, reused)) => {
+                    if reused {
+                        rep.line(&format!(
+                            "{} seed {}: reusing the finished run in {}",
+                            alg.name(),
+                            cfg.seed,
+                            dir.display()
+                        ));
+                    }
                     r
                 }
-                None => {
-                    let resume = dir.join(CHECKPOINT).join("state.json").is_file();
-                    match run_one(&cfg, &dir, resume, rep)? {
-                        Some(r) => r,
-                        None => return Ok(None),
-                    }
-                }
+                None => return Ok(None),
             };
             let last = report
                 .evals
@@ -266,9 +266,27 @@ pub fn compare(
             });
         }
     }
-    let table = write_compare_report(out, &domains, &results, &references)?;
+    let notes = CompareNotes {
+        baseline: baseline.map(|b| b.name().to_string()),
+        wall_seconds: Some(t0.elapsed().as_secs_f64()),
+    };
+    let table = write_compare_report(out, &domains, &results, &references, &notes)?;
     rep.line(&format!("comparison in {}/compare.md", out.display()));
     Ok(Some(table))
+}
+
+/// The finished run in `dir` if it has exactly this config (`true`: reused), else the run
+/// (resumed from its checkpoint when there is one); None when stopped by Ctrl-C.
+pub fn run_or_reuse(
+    cfg: &RunConfig,
+    dir: &Path,
+    rep: &Reporter,
+) -> Result<Option<(RunReport, bool)>> {
+    if let Some(r) = finished_report(dir, cfg) {
+        return Ok(Some((r, true)));
+    }
+    let resume = dir.join(CHECKPOINT).join("state.json").is_file();
+    Ok(run_one(cfg, dir, resume, rep)?.map(|r| (r, false)))
 }
 
 /// The report of a finished run in `dir` with exactly this config, if there is one.

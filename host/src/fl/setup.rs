@@ -8,12 +8,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use fedcdd_kernels::Backend;
 
-use crate::data::builtin::{self, Split};
+use crate::data::builtin::Split;
 use crate::data::{Example, Record, Tokenizer, load_records, tokenize_records, trainable_examples};
 use crate::model::config::LlamaConfig;
 use crate::rng::Rng;
 
-use super::base::{BaseRecipe, cache_root, ensure_base};
+use super::base::{BaseRecipe, BuiltinSize, cache_root, ensure_base};
 use super::config::{Partition, RunConfig};
 use super::evaluate::{EvalSet, eval_set};
 use super::seeds::{SEED_PARTITION, stream_seed};
@@ -83,7 +83,11 @@ pub fn build_setup_for<B: Backend>(
 ) -> Result<Setup<B>> {
     let base_dir = match cfg.model_path() {
         Some(p) => p,
-        None => ensure_base(&cache_root(), &BaseRecipe::default(), cfg.threads, log)?,
+        None => {
+            let size = cfg.builtin_size().unwrap_or(BuiltinSize::Base);
+            let recipe = BaseRecipe::builtin(cfg.benchmark, size);
+            ensure_base(&cache_root(), &recipe, cfg.threads, log)?
+        }
     };
     let model_config = LlamaConfig::load(&base_dir)?;
     let tok = Tokenizer::load(&base_dir)?;
@@ -127,17 +131,20 @@ pub fn build_setup_for<B: Backend>(
     let server = *role == Role::Server;
     // Training records per domain (or per client) and evaluation records per domain.
     let (train_groups, eval_groups): (Vec<Group>, Vec<Group>) = if cfg.builtin_data() {
-        let train = builtin::DOMAINS
+        let bench = cfg.benchmark;
+        let train = bench
+            .domains()
             .iter()
             .map(|d| {
-                let items = builtin::items(d, Split::Train, cfg.builtin_train_items, cfg.seed);
+                let items = bench.items(d, Split::Train, cfg.builtin_train_items, cfg.seed);
                 (d.to_string(), items.iter().map(|i| i.to_record()).collect())
             })
             .collect();
-        let eval = builtin::DOMAINS
+        let eval = bench
+            .domains()
             .iter()
             .map(|d| {
-                let items = builtin::held_out_distinct(d, cfg.eval_questions, cfg.seed);
+                let items = bench.held_out_distinct(d, cfg.eval_questions, cfg.seed);
                 (d.to_string(), items.iter().map(|i| i.to_record()).collect())
             })
             .collect();

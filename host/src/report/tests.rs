@@ -129,12 +129,14 @@ fn mean_accuracy_skips_domains_without_one() {
 }
 
 #[test]
-fn stat_is_mean_and_sample_std() {
-    // 2, 4, 6: mean 4, sample variance (4 + 0 + 4) / 2 = 4.
+fn stat_is_mean_sample_std_and_t_interval() {
+    // 2, 4, 6: mean 4, sample variance (4 + 0 + 4) / 2 = 4; t(0.975, 2) = 4.302652729749462.
     let s = stat(&[2.0, 4.0, f64::NAN, 6.0]).unwrap();
     assert_eq!((s.mean, s.std, s.n), (4.0, 2.0, 3));
+    assert!(close(s.half_width, 4.302652729749462 * 2.0 / 3f64.sqrt()));
     let one = stat(&[7.0]).unwrap();
     assert_eq!((one.mean, one.std, one.n), (7.0, 0.0, 1));
+    assert!(one.half_width.is_nan());
     assert_eq!(stat(&[]), None);
     assert_eq!(stat(&[f64::NAN]), None);
 }
@@ -203,8 +205,11 @@ fn compare_fixture() -> (Vec<String>, Vec<CompareResult>) {
     (domains, results)
 }
 
+/// t(0.975, 1) = 12.706204736174694 (scipy `stats.t.ppf(0.975, 1)`).
+const T975_1: f64 = 12.706204736174694;
+
 #[test]
-fn compare_rows_mean_std_rank() {
+fn compare_rows_mean_interval_worst_rank() {
     let (domains, results) = compare_fixture();
     let refs: BTreeMap<String, Vec<EvalPoint>> = [(
         "centralized".to_string(),
@@ -220,17 +225,22 @@ fn compare_rows_mean_std_rank() {
     assert_eq!(names, ["A", "B", "C", "centralized"]);
     let (a, b, c, r) = (&rows[0], &rows[1], &rows[2], &rows[3]);
 
-    assert_eq!(a.runs, 2);
+    assert_eq!(a.runs.len(), 2);
     let a1 = a.cells[0].unwrap();
     assert!(close(a1.mean, 60.0) && close(a1.std, 200f64.sqrt()) && a1.n == 2);
+    // Half-width t·s/√n with s = √200, n = 2: 10·t.
+    assert!(close(a1.half_width, 10.0 * T975_1));
     let a2 = a.cells[1].unwrap();
     assert!(close(a2.mean, 30.0) && close(a2.std, 200f64.sqrt()));
     let am = a.mean.unwrap();
     // Per-run means over d1..d3: (50+20+90)/3 = 53.33.., (70+40+10)/3 = 40.
     assert!(close(am.mean, (160.0 / 3.0 + 40.0) / 2.0));
+    // Worst domain per run: 20 and 10.
+    assert!(close(a.worst.unwrap().mean, 15.0));
     assert_eq!(b.cells[2], None);
     let bm = b.mean.unwrap();
     assert!(close(bm.mean, 35.0) && bm.std == 0.0 && bm.n == 1);
+    assert!(close(b.worst.unwrap().mean, 10.0));
 
     assert_eq!(a.domain_ranks, vec![Some(1.5), Some(2.0), None]);
     assert_eq!(b.domain_ranks, vec![Some(1.5), Some(3.0), None]);
@@ -247,35 +257,84 @@ fn compare_rows_mean_std_rank() {
 
     let table = compare_table(&domains, &rows);
     assert!(
-        table.contains("| A | 2 | 60.0 ± 14.1 | 30.0 ± 14.1 |"),
+        table.contains("| A | 2 | 60.0 ± 127.1 | 30.0 ± 127.1 |"),
         "{table}"
     );
-    assert!(table.contains("| B | 1 | 60.0 ± 0.0 | 10.0 ± 0.0 | – | 35.0 ± 0.0 | 2.25 |"));
-    assert!(table.contains("| centralized (reference) | 2 | 85.0 ± 7.1 | – | – |"));
+    assert!(
+        table.contains("| B | 1 | 60.0 | 10.0 | – | 35.0 | 10.0 | 2.25 |"),
+        "{table}"
+    );
+    assert!(table.contains("| centralized (reference) | 2 | 85.0 ± 63.5 | – | – |"));
     assert!(table.contains(" – |\n"), "unranked reference shows –");
+}
+
+/// Paired differences against a baseline, over the seeds both ran, pinned to scipy:
+/// `ttest_rel([60, 70, 65], [50, 66, 61])` = (t 3.0, p 0.09546596626670913); the interval's
+/// half-width is t(0.975, 2)·√12/√3 = 8.605305459498924. A seed only one side ran is left out.
+#[test]
+fn paired_differences_match_scipy() {
+    let one = |alg: &str, seed: u64, a: f64| result(alg, seed, &[("d1", Some(a))], 1);
+    let results = vec![
+        one("Y", 1, 0.50),
+        one("Y", 2, 0.66),
+        one("Y", 3, 0.61),
+        one("X", 1, 0.60),
+        one("X", 2, 0.70),
+        one("X", 3, 0.65),
+        one("X", 4, 0.99),
+    ];
+    let domains = vec!["d1".to_string()];
+    let rows = compare_rows(&domains, &results, &BTreeMap::new());
+    let paired = paired_rows(&rows, "Y");
+    assert_eq!(paired.len(), 1);
+    let x = &paired[0];
+    assert_eq!((x.name.as_str(), x.pairs), ("X", 3));
+    for t in [x.domains[0].unwrap(), x.mean.unwrap(), x.worst.unwrap()] {
+        assert!(close(t.diff.mean, 6.0), "{t:?}");
+        assert!(close(t.t, 3.0) && (t.p_value - 0.09546596626670913).abs() < 1e-9);
+        assert!((t.diff.half_width - 8.605305459498924).abs() < 1e-9);
+    }
+    assert!(paired_rows(&rows, "Z").is_empty());
 }
 
 #[test]
 fn write_compare_report_writes_files() {
-    let (domains, results) = compare_fixture();
+    let (domains, mut results) = compare_fixture();
+    // Per-question outcomes for one run: 2 of 4 right on d1 (its accuracy 0.5).
+    results[0].final_eval.domains.get_mut("d1").unwrap().correct = vec![true, false, false, true];
     let tmp = TempDir::new("compare");
-    let table = write_compare_report(&tmp.0, &domains, &results, &BTreeMap::new()).unwrap();
+    let notes = CompareNotes {
+        baseline: Some("A".to_string()),
+        wall_seconds: Some(12.0),
+    };
+    let table = write_compare_report(&tmp.0, &domains, &results, &BTreeMap::new(), &notes).unwrap();
     assert!(table.starts_with("| algorithm |"));
     let md = std::fs::read_to_string(tmp.0.join("compare.md")).unwrap();
-    assert!(md.contains(&table) && md.contains("Average rank"));
+    assert!(md.contains("Average rank") && md.contains("## Paired difference to A"));
+    assert!(md.contains("Wall time of this comparison: 12 s"));
+    assert!(md.contains("per-question bootstrap"));
 
     let csv = std::fs::read_to_string(tmp.0.join("compare.csv")).unwrap();
     let lines: Vec<&str> = csv.lines().collect();
-    // Header + 3 algorithms × (3 domains + mean).
-    assert_eq!(lines.len(), 1 + 3 * 4);
-    assert_eq!(lines[0], "algorithm,domain,mean,std,n,rank");
-    assert!(lines.contains(&"B,d3,,,0,"));
+    // Header + 3 algorithms × (3 domains + mean + worst).
+    assert_eq!(lines.len(), 1 + 3 * 5);
+    assert_eq!(lines[0], "algorithm,domain,mean,std,n,ci_low,ci_high,rank");
+    assert!(lines.contains(&"B,d3,,,0,,,"));
     assert!(
         lines
             .iter()
-            .any(|l| l.starts_with("A,mean,46.66") && l.ends_with(",2,1.75")),
+            .any(|l| l.starts_with("A,mean,46.66") && l.ends_with(",1.75")),
         "{csv}"
     );
+    let paired = std::fs::read_to_string(tmp.0.join("compare_paired.csv")).unwrap();
+    assert!(paired.starts_with("algorithm,baseline,domain,pairs,diff,std,ci_low,ci_high,t,p\n"));
+    // B and C against A on seed 1: one pair each, d1: 60 − 50 and 40 − 50.
+    assert!(paired.contains("B,A,d1,1,10,"), "{paired}");
+    assert!(paired.contains("C,A,d1,1,-10,"), "{paired}");
+    let questions = std::fs::read_to_string(tmp.0.join("compare_questions.csv")).unwrap();
+    let q: Vec<&str> = questions.lines().collect();
+    assert_eq!(q.len(), 2, "{questions}");
+    assert!(q[1].starts_with("A,1,d1,4,50,"), "{questions}");
 
     let jsonl = std::fs::read_to_string(tmp.0.join("compare.jsonl")).unwrap();
     assert_eq!(jsonl.lines().count(), results.len());
@@ -286,8 +345,8 @@ fn write_compare_report_writes_files() {
 
     let svg = std::fs::read_to_string(tmp.0.join("compare.svg")).unwrap();
     assert_clean_svg(&svg);
-    // 3 algorithms × 4 groups, minus B's missing d3.
-    assert_eq!(svg.matches(r#"<rect class="bar""#).count(), 11);
+    // 3 algorithms × 5 groups, minus B's missing d3.
+    assert_eq!(svg.matches(r#"<rect class="bar""#).count(), 14);
 }
 
 #[test]

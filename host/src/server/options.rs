@@ -3,7 +3,8 @@
 
 use anyhow::Result;
 use fedcdd_core::{
-    Algorithm, FedCddConfig, FedOptVariant, NormAxis, ServerOpt, ServerOptConfig, Target, Weighting,
+    Algorithm, Components, FedCddConfig, FedOptVariant, NormAxis, ServerOpt, ServerOptConfig,
+    Target, Weighting,
 };
 
 /// What a user sets on the server side; `server_lr` None = the rule's default
@@ -20,6 +21,7 @@ pub struct ServerSettings {
     pub target: Target,
     pub weighting: Weighting,
     pub renormalize: bool,
+    pub components: Components,
 }
 
 impl Default for ServerSettings {
@@ -36,6 +38,7 @@ impl Default for ServerSettings {
             target: cdd.target,
             weighting: cdd.weighting,
             renormalize: cdd.renormalize,
+            components: cdd.components,
         }
     }
 }
@@ -69,6 +72,7 @@ impl ServerSettings {
             weighting: self.weighting,
             renormalize: self.renormalize,
             server_lr: self.server_lr.unwrap_or(1.0),
+            components: self.components,
         };
         fedcdd.validate()?;
         opt.validate()?;

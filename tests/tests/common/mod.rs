@@ -7,7 +7,7 @@
 #![allow(dead_code)]
 
 use fedcdd_core::{
-    FedCddConfig, FedOptVariant, NormAxis, ServerOpt, Target, TensorRole, Weighting,
+    Components, FedCddConfig, FedOptVariant, NormAxis, ServerOpt, Target, TensorRole, Weighting,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -173,6 +173,8 @@ pub struct RefFedCdd {
     /// groups (1 = all directions agree, 0 = a group's directions cancel exactly, where
     /// `D̂_g = D̄_g / max(‖D̄_g‖, ε)` turns rounding noise into a unit vector).
     pub cancellation: f64,
+    /// The same for FedAvg's mean `Δ̄`: the smallest `‖Δ̄_g‖ / Σ_i p_i ‖X_i,g‖`.
+    pub mean_cancellation: f64,
 }
 
 /// FedCDD on one `rows × cols` tensor (row-major), all in f64:
@@ -342,6 +344,37 @@ pub fn ref_fedcdd(
         }
     }
 
+    // One-part readings: FedAvg's mean supplies the other part.
+    let mut mean = vec![0.0f64; len];
+    for (x, pi) in xs.iter().zip(&p) {
+        for (a, v) in mean.iter_mut().zip(x) {
+            *a += pi * v;
+        }
+    }
+    let mut mean_sq = vec![0.0f64; ng];
+    for (e, v) in mean.iter().enumerate() {
+        mean_sq[group(e)] += v * v;
+    }
+    let mut mean_cancellation = 1.0f64;
+    for (s, m) in mean_sq.iter().zip(&mbar) {
+        if *m > 0.0 {
+            mean_cancellation = mean_cancellation.min(s.sqrt() / m);
+        }
+    }
+    match cfg.components {
+        Components::Both => {}
+        Components::ConsensusOnly => {
+            for (e, v) in dbar.iter_mut().enumerate() {
+                *v = mean[e] / mean_sq[group(e)].sqrt().max(REF_EPS);
+            }
+        }
+        Components::DivergenceOnly => {
+            for (m, s) in mbar.iter_mut().zip(&mean_sq) {
+                *m = s.sqrt();
+            }
+        }
+    }
+
     // 5. Recombine.
     let lr = cfg.server_lr as f64;
     let out: Vec<f64> = (0..len)
@@ -359,6 +392,7 @@ pub fn ref_fedcdd(
         weights,
         fell_back,
         cancellation,
+        mean_cancellation,
     }
 }
 

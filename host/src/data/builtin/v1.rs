@@ -1,6 +1,7 @@
-//! The built-in heterogeneous benchmark: four domains that need different skills, each with a
-//! training split, a held-out split and an exact-match scorer, plus the prose corpus the
-//! built-in base model is pre-trained on.
+//! Benchmark `v1` (the first built-in benchmark, kept for reproducibility): four domains that
+//! need different skills, each with a training split, a held-out split and an exact-match
+//! scorer, plus the prose corpus its base model is pre-trained on. Its table domains are small:
+//! about 20 distinct held-out arithmetic questions and 48 facts questions.
 //!
 //! | domain | skill | instruction → response |
 //! |---|---|---|
@@ -21,15 +22,12 @@
 //!
 //! Everything is a pure function of the seed (SplitMix64 streams).
 
-use crate::rng::{Rng, fnv1a, mix};
+use crate::rng::{Rng, mix};
 
-use super::formats::Record;
+use super::{Item, Split, WRAPPERS, is_held_out, spaced, stream};
 
 /// The benchmark's domains, in report order.
 pub const DOMAINS: [&str; 4] = ["arithmetic", "strings", "facts", "sorting"];
-
-/// One in `HELD_OUT_EVERY` items is held out.
-const HELD_OUT_EVERY: u64 = 5;
 
 const NAMES: [&str; 48] = [
     "Mirel", "Tovan", "Kessa", "Brin", "Olvar", "Dena", "Pavo", "Yuri", "Selka", "Harn", "Ilse",
@@ -49,43 +47,6 @@ const COLOURS: [&str; 8] = [
 ];
 const LETTERS: &[u8] = b"abcdefghijklmnopqrstuvwxyz";
 
-/// The stream of `(seed, stream name)`.
-fn stream(seed: u64, name: &str) -> Rng {
-    Rng::new(seed ^ fnv1a(name.as_bytes()).rotate_left(23))
-}
-
-/// Which split an item (its instruction) belongs to, for a benchmark seed.
-fn is_held_out(seed: u64, instruction: &str) -> bool {
-    mix(fnv1a(instruction.as_bytes()) ^ seed.wrapping_mul(0xD2B7_4407_B1CE_6E93))
-        .is_multiple_of(HELD_OUT_EVERY)
-}
-
-/// The train or held-out split.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Split {
-    Train,
-    HeldOut,
-}
-
-/// One question with its exact answer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Item {
-    pub domain: &'static str,
-    pub instruction: String,
-    pub answer: String,
-}
-
-impl Item {
-    pub fn to_record(&self) -> Record {
-        Record::Alpaca {
-            instruction: self.instruction.clone(),
-            input: String::new(),
-            output: self.answer.clone(),
-            domain: Some(self.domain.to_string()),
-        }
-    }
-}
-
 /// City and colour of person `i` of the facts table (a pure function of the seed).
 fn person_facts(seed: u64, i: usize) -> (&'static str, &'static str) {
     let h = mix(seed ^ 0xFAC7 ^ (i as u64).wrapping_mul(0x9E37_79B9));
@@ -93,17 +54,6 @@ fn person_facts(seed: u64, i: usize) -> (&'static str, &'static str) {
         CITIES[(h % CITIES.len() as u64) as usize],
         COLOURS[((h >> 32) % COLOURS.len() as u64) as usize],
     )
-}
-
-fn spaced(chars: &[u8]) -> String {
-    let mut s = String::with_capacity(chars.len() * 2);
-    for (i, &c) in chars.iter().enumerate() {
-        if i > 0 {
-            s.push(' ');
-        }
-        s.push(c as char);
-    }
-    s
 }
 
 /// How a facts question is worded: training and held-out questions use different wordings
@@ -180,24 +130,10 @@ fn random_item(domain: &'static str, rng: &mut Rng, seed: u64, wording: Wording)
 /// Domains of the pre-training sentences, drawn uniformly from this list.
 const PRETRAIN_MIX: [&str; 5] = ["arithmetic", "strings", "facts", "facts", "sorting"];
 
-/// Question/answer markers of the pre-training prose. Several formats teach the base that
-/// answering does not depend on one wrapper (none of them is the Alpaca template).
-const WRAPPERS: [(&str, &str); 4] = [
-    ("Q: ", "A: "),
-    ("Question: ", "Answer: "),
-    ("User: ", "Assistant: "),
-    ("Input: ", "Output: "),
-];
-
-/// The canonical `&'static` name of a built-in domain.
-pub fn domain_name(domain: &str) -> Option<&'static str> {
-    DOMAINS.iter().copied().find(|d| *d == domain)
-}
-
 /// `n` items of `domain` from `split`, deterministic in `(domain, split, n, seed)`.
 /// Items may repeat (the table domains have few distinct items).
 pub fn items(domain: &str, split: Split, n: usize, seed: u64) -> Vec<Item> {
-    let Some(domain) = domain_name(domain) else {
+    let Some(domain) = DOMAINS.iter().copied().find(|d| *d == domain) else {
         return Vec::new();
     };
     let stream_name = format!("{domain}/{split:?}");
@@ -222,30 +158,6 @@ pub fn items(domain: &str, split: Split, n: usize, seed: u64) -> Vec<Item> {
         }
     }
     out
-}
-
-/// Distinct held-out items of `domain`, up to `n` (the table domains have fewer).
-pub fn held_out_distinct(domain: &str, n: usize, seed: u64) -> Vec<Item> {
-    let mut seen = std::collections::HashSet::new();
-    let mut out = Vec::new();
-    for it in items(domain, Split::HeldOut, n * 20, seed) {
-        if out.len() == n {
-            break;
-        }
-        if seen.insert(it.instruction.clone()) {
-            out.push(it);
-        }
-    }
-    out
-}
-
-/// Exact match after trimming surrounding whitespace and one trailing full stop.
-pub fn exact_match(generated: &str, answer: &str) -> bool {
-    let norm = |s: &str| {
-        let s = s.trim();
-        s.strip_suffix('.').unwrap_or(s).trim().to_string()
-    };
-    norm(generated) == norm(answer)
 }
 
 /// `n` lines of pre-training prose, each a few sentences from random domains (both splits:
@@ -278,13 +190,13 @@ pub fn tokenizer_texts() -> Vec<String> {
     for _ in 0..3 {
         for (i, name) in NAMES.iter().take(PEOPLE).enumerate() {
             let (city, colour) = person_facts(seed, i);
-            texts.push(super::formats::alpaca_prompt(
+            texts.push(crate::data::formats::alpaca_prompt(
                 &format!("Which city is home to {name}?"),
                 "",
             ));
             texts.push(format!(
                 "{}{city}",
-                super::formats::alpaca_prompt(&format!("Which colour does {name} like?"), "")
+                crate::data::formats::alpaca_prompt(&format!("Which colour does {name} like?"), "")
             ));
             texts.push(format!(
                 "{name} lives in {city}. {name} likes the colour {colour}. Where does {name} \
@@ -301,7 +213,7 @@ pub fn tokenizer_texts() -> Vec<String> {
             "Question: Answer: User: Assistant: Input: Output:",
             "Put in order. In order, becomes",
         ] {
-            texts.push(super::formats::alpaca_prompt(t, ""));
+            texts.push(crate::data::formats::alpaca_prompt(t, ""));
             texts.push(t.to_string());
         }
     }
@@ -311,22 +223,6 @@ pub fn tokenizer_texts() -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn splits_are_disjoint_and_deterministic() {
-        for d in DOMAINS {
-            let train = items(d, Split::Train, 400, 7);
-            let held = items(d, Split::HeldOut, 100, 7);
-            assert_eq!(train, items(d, Split::Train, 400, 7));
-            let train_q: std::collections::HashSet<_> =
-                train.iter().map(|i| &i.instruction).collect();
-            assert!(
-                held.iter().all(|h| !train_q.contains(&h.instruction)),
-                "{d}"
-            );
-            assert!(!held.is_empty());
-        }
-    }
 
     /// The last word group of a response sentence: what comes after its final verb.
     fn tail(answer: &str, verb: &str) -> String {
@@ -388,13 +284,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn scorer() {
-        assert!(exact_match(" 19.\n", "19"));
-        assert!(!exact_match("190", "19"));
-        assert!(exact_match("D O G", "D O G"));
-        assert!(!exact_match("DOG", "D O G"));
     }
 }
