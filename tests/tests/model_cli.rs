@@ -1288,3 +1288,52 @@ fn train_help_mentions_every_flag() {
         );
     }
 }
+
+/// `fedcdd base`: the shipped base model unpacks into an empty cache with no pre-training; the
+/// checksum it prints is `sha256sum`'s of the file; `--out` copies a directory that loads as
+/// a model; unknown sizes are errors naming the flag.
+#[test]
+fn base_unpacks_the_shipped_model_with_its_checksum() {
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("base_cmd")
+        .join(std::process::id().to_string());
+    let _ = fs::remove_dir_all(&root);
+    let (cache, copy) = (root.join("cache"), root.join("copy"));
+    let out = std::process::Command::new(fedcdd_bin())
+        .env("FEDCDD_CACHE", &cache)
+        .args(["base", "--out", &s(&copy)])
+        .output()
+        .expect("run fedcdd base");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("unpacked the shipped base model"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("pre-train"), "{stderr}");
+    let printed = stdout
+        .split("sha256 ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .expect("a sha256 in the output")
+        .to_string();
+    assert_eq!(printed.len(), 64);
+    match std::process::Command::new("sha256sum")
+        .arg(copy.join("model.safetensors"))
+        .output()
+    {
+        Ok(o) if o.status.success() => {
+            let line = String::from_utf8_lossy(&o.stdout).to_string();
+            assert!(line.starts_with(&printed), "sha256sum says {line}");
+        }
+        _ => eprintln!("skipping the sha256sum check: sha256sum is not installed"),
+    }
+    fedcdd_host::model::config::LlamaConfig::load(&copy).expect("the copy loads as a model");
+    let bad = fedcdd(["base", "--size", "huge"]);
+    assert!(!bad.status.success());
+    assert!(bad.stderr.contains("--size"), "{bad}");
+    let _ = fs::remove_dir_all(&root);
+}

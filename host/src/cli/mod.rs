@@ -1,6 +1,7 @@
 //! The `fedcdd` command line: clap only. Each command's flags become the library's plain
 //! option structs, the library runs, the command prints. clap types never leave this folder.
 
+pub mod base;
 pub mod bench;
 pub mod fl;
 pub mod model;
@@ -42,6 +43,9 @@ pub enum Command {
     MakeExample(server::MakeExampleArgs),
     /// Write an HF LLaMA model directory (config, random weights, tokenizer) from a preset.
     InitModel(model::InitModelArgs),
+    /// The built-in base models: path and checksum, a copy, or a rebuild from the recipe
+    /// compared with the shipped model.
+    Base(base::BaseArgs),
     /// Write the built-in synthetic multi-domain corpus as JSONL (all domains or some).
     GenCorpus(model::GenCorpusArgs),
     /// Write PEFT's fresh init of a LoRA adapter for a model (round 0's global adapter).
@@ -94,6 +98,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => model::run_train(&a),
         Command::Run(a) => fl::cmd_run(&a),
         Command::Compare(a) => fl::cmd_compare(&a),
+        Command::Base(a) => base::cmd_base(&a),
         Command::Sweep(a) => fl::cmd_sweep(&a),
         Command::InitAdapter(a) => model::run_init_adapter(&a),
         Command::Merge(a) => model::run_merge(&a),

@@ -167,6 +167,95 @@ impl BaseRecipe {
     }
 }
 
+/// The default benchmark's base model as built by its recipe on the project's machine, shipped
+/// inside the binary so that a first run needs no pre-training (`fedcdd base --rebuild`
+/// rebuilds it from the recipe and compares).
+mod shipped {
+    /// The recipe key the shipped files belong to ([`super::BaseRecipe::key`]).
+    pub const KEY: &str = "builtin-base-v7-7ff3acce9e38545d";
+    /// SHA-256 of `model.safetensors`.
+    pub const MODEL_SHA256: &str =
+        "414b7e68339bf8653c795c7df62b0fbd126db7b41c88dcb8b567b2ca13c0f52e";
+
+    macro_rules! asset {
+        ($name:literal) => {
+            (
+                $name,
+                include_bytes!(concat!("../../assets/builtin-base-v7/", $name)).as_slice(),
+            )
+        };
+    }
+
+    /// Every file of the model directory.
+    pub const FILES: [(&str, &[u8]); 7] = [
+        asset!("config.json"),
+        asset!("generation_config.json"),
+        asset!("model.safetensors"),
+        asset!("special_tokens_map.json"),
+        asset!("tokenizer.json"),
+        asset!("tokenizer_config.json"),
+        asset!("pretrain.json"),
+    ];
+}
+
+/// SHA-256 of `bytes`, lower-case hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Whether the binary carries a built model for `recipe`.
+pub fn is_shipped(recipe: &BaseRecipe) -> bool {
+    recipe.key() == shipped::KEY
+}
+
+/// The SHA-256 the shipped `model.safetensors` has.
+pub fn shipped_model_sha256() -> &'static str {
+    shipped::MODEL_SHA256
+}
+
+/// Writes the shipped model directory to `dir` (beside it, then renamed), after checking the
+/// model's checksum.
+fn unpack_shipped(dir: &Path) -> Result<()> {
+    let model = shipped::FILES
+        .iter()
+        .find(|(n, _)| *n == "model.safetensors")
+        .map(|(_, b)| *b)
+        .unwrap_or_default();
+    let sum = sha256_hex(model);
+    if sum != shipped::MODEL_SHA256 {
+        bail!(
+            "the shipped base model is damaged (sha256 {sum}, expected {}); rebuild it with \
+             `fedcdd base --rebuild`",
+            shipped::MODEL_SHA256
+        );
+    }
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("cannot create the cache directory {}", parent.display()))?;
+    let work = parent.join(format!("{}.unpacking-{}", shipped::KEY, std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
+    for (name, bytes) in shipped::FILES {
+        write_atomic(&work.join(name), bytes)?;
+    }
+    match std::fs::rename(&work, dir) {
+        Ok(()) => Ok(()),
+        // Another process finished first: use its copy.
+        Err(_) if dir.join("pretrain.json").is_file() => {
+            let _ = std::fs::remove_dir_all(&work);
+            Ok(())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&work);
+            Err(e).with_context(|| format!("cannot move the base model to {}", dir.display()))
+        }
+    }
+}
+
 /// Where cached base models live: `$FEDCDD_CACHE`, else `$XDG_CACHE_HOME/fedcdd`, else
 /// `~/.cache/fedcdd`, else a `fedcdd-cache` folder in the temp dir.
 pub fn cache_root() -> PathBuf {
@@ -192,6 +281,15 @@ pub fn ensure_base(
 ) -> Result<PathBuf> {
     let dir = root.join(recipe.key());
     if dir.join("pretrain.json").is_file() {
+        return Ok(dir);
+    }
+    if is_shipped(recipe) {
+        unpack_shipped(&dir)?;
+        log(&format!(
+            "unpacked the shipped base model into {} (model.safetensors sha256 {})",
+            dir.display(),
+            shipped::MODEL_SHA256
+        ));
         return Ok(dir);
     }
     std::fs::create_dir_all(root)
@@ -351,4 +449,40 @@ pub fn build_base(
         history.len()
     ));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shipped files are the default recipe's, and the model is the one checksummed: a
+    /// changed recipe needs a rebuilt, re-shipped model.
+    #[test]
+    fn shipped_model_matches_the_default_recipe_and_its_checksum() {
+        assert_eq!(BaseRecipe::default().key(), shipped::KEY);
+        let model = shipped::FILES
+            .iter()
+            .find(|(n, _)| *n == "model.safetensors")
+            .unwrap()
+            .1;
+        assert_eq!(sha256_hex(model), shipped::MODEL_SHA256);
+        let info: serde_json::Value = serde_json::from_slice(
+            shipped::FILES
+                .iter()
+                .find(|(n, _)| *n == "pretrain.json")
+                .unwrap()
+                .1,
+        )
+        .unwrap();
+        assert_eq!(info["recipe"]["version"], 7);
+    }
+
+    #[test]
+    fn sha256_of_a_known_string() {
+        // `printf abc | sha256sum`
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
 }
