@@ -32,7 +32,10 @@ fn mask_cfg(keep_ratio: f32, noise_scale: f32, importance: Importance) -> MaskCo
 
 /// `mask_encode` with exactly sized buffers (NaN/garbage-filled, so unwritten slots show).
 fn encode<T: Element>(x: &[T], layout: &Layout, cfg: &MaskConfig) -> Encoded<T> {
-    let (rows, cols) = cfg.importance.units(layout);
+    let (rows, cols) = cfg
+        .axis
+        .importance_for(cfg.importance, layout.role)
+        .units(layout);
     let k = cfg.kept_count(cols);
     let mut norms = vec![f32::NAN; cols];
     let mut order = vec![u32::MAX; cols];
@@ -818,20 +821,8 @@ fn feature_axis_masks_lora_b_by_rows() {
     };
     let k = cfg.kept_count(d_out);
     assert_eq!(k, 3);
-    let (mut norms, mut order) = (vec![f32::NAN; d_out], vec![u32::MAX; d_out]);
-    let (mut kept, mut values) = (vec![u32::MAX; k], vec![f32::NAN; k * r]);
-    let s = mask_encode(
-        &x,
-        &b_layout,
-        &cfg,
-        MaskScratch {
-            norms: &mut norms,
-            order: &mut order,
-        },
-        &mut kept,
-        &mut values,
-    )
-    .unwrap();
+    let e = encode(&x, &b_layout, &cfg);
+    let (kept, values) = (e.kept.clone(), e.values.clone());
     // Independent ranking of the rows: the columns of the transpose.
     let xt: Vec<f64> = (0..r)
         .flat_map(|j| (0..d_out).map(move |i| (i, j)))
@@ -849,14 +840,9 @@ fn feature_axis_masks_lora_b_by_rows() {
         .flat_map(|i| x[i * r..(i + 1) * r].iter().map(|&v| v as f64))
         .collect();
     let rms = (masked.iter().map(|v| v * v).sum::<f64>() / masked.len() as f64).sqrt();
-    assert!((s.sigma as f64 - 0.5 * rms).abs() < 1e-5 * rms);
+    assert!((e.sigma as f64 - 0.5 * rms).abs() < 1e-5 * rms);
 
     // The client's masked tensor: kept rows exact, every other row noise.
-    let e = Encoded {
-        kept: kept.clone(),
-        values,
-        sigma: s.sigma,
-    };
     let own = client_masked(&b_layout, Importance::RowL2, &e, 9, 0);
     for i in 0..d_out {
         let row = &own[i * r..(i + 1) * r];

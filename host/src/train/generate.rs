@@ -48,14 +48,7 @@ pub fn generate<B: Backend>(
     let mut rng = Rng::new(sampling.seed);
     let mut out = Vec::new();
     while out.len() < max_tokens {
-        if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
-            bail!(
-                "the logits after {} tokens are not finite (logit {i} is {}): the model or \
-                 adapter weights hold non-finite values",
-                cache.len,
-                logits[i]
-            );
-        }
+        check_finite(&logits, cache.len)?;
         let next = sample(&logits, sampling, &mut rng);
         out.push(next);
         on_token(next);
@@ -101,6 +94,18 @@ pub fn sample(logits: &[f32], s: Sampling, rng: &mut Rng) -> u32 {
         }
     }
     kept[kept.len() - 1].0 as u32
+}
+
+/// An error when a logit after `tokens` tokens is NaN or infinite (broken weights).
+fn check_finite(logits: &[f32], tokens: usize) -> Result<()> {
+    if let Some(i) = logits.iter().position(|v| !v.is_finite()) {
+        bail!(
+            "the logits after {tokens} tokens are not finite (logit {i} is {}): the model or \
+             adapter weights hold non-finite values",
+            logits[i]
+        );
+    }
+    Ok(())
 }
 
 /// The index of the largest logit (the first of ties), as greedy [`sample`] picks it.
@@ -153,14 +158,7 @@ pub fn generate_greedy_batch<B: Backend>(
     loop {
         let mut next = Vec::with_capacity(b);
         for (i, row) in logits.chunks_exact(vocab).enumerate() {
-            if let Some(j) = row.iter().position(|v| !v.is_finite()) {
-                bail!(
-                    "the logits after {} tokens are not finite (logit {j} is {}): the model or \
-                     adapter weights hold non-finite values",
-                    cache.len,
-                    row[j]
-                );
-            }
+            check_finite(row, cache.len)?;
             let tok = argmax(row);
             if !done[i] {
                 out[i].push(tok);
