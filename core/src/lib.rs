@@ -13,6 +13,8 @@
 //! | `fedcdd_batch` (feature `alloc`) | O(N·P) on the heap |
 //! | [`MeanAccumulator`] | the caller's 2·P floats |
 //! | [`apply_server_opt`], [`init_server_state`], SCAFFOLD and FedProx helpers | none (the caller's state slices) |
+//! | [`clip_scale`], [`median_in_place`] | none |
+//! | [`coordinate_median`], [`trimmed_mean`] | the caller's N views (every client at once) and N floats of scratch |
 //! | [`mask_encode`] | the caller's scratch of 2·C words (C columns) |
 //! | `UploadPlan` (feature `alloc`) | each tensor's kept columns and mask scratch, and the output bytes |
 //! | [`mask_reconstruct`], [`TensorRecord::reconstruct`] | O(1) |
@@ -36,6 +38,7 @@ pub mod error;
 pub mod fedcdd;
 pub mod fedopt;
 pub mod mask;
+pub mod robust;
 pub mod sweep;
 pub mod tensor;
 pub mod wire;
@@ -58,6 +61,7 @@ pub use half::{bf16, f16};
 pub use mask::{
     Importance, MaskAxis, MaskConfig, MaskScratch, MaskedSummary, mask_encode, mask_reconstruct,
 };
+pub use robust::{clip_scale, coordinate_median, median_in_place, trimmed_mean};
 pub use sweep::Groups;
 pub use tensor::{DType, Element, Layout, MAX_DIMS, TensorRole, TensorView};
 pub use wire::{Payload, TensorRecord, Upload, UploadHeader, UploadWriter};

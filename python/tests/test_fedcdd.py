@@ -206,9 +206,22 @@ def federate(cfg: dict, run_dir: Path) -> Path:
     return run_dir / "adapter" / "adapter_model.safetensors"
 
 
-@pytest.mark.parametrize("algorithm", ["fedcdd", "scaffold", "fedsa-lora"])
-def test_client_and_server_reproduce_fedcdd_run(tiny: dict, tmp_path: Path, algorithm: str) -> None:
-    cfg = dict(tiny, algorithm=algorithm)
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"algorithm": "fedcdd"},
+        {"algorithm": "scaffold"},
+        {"algorithm": "fedsa-lora"},
+        # Robust rule, an attacker and clipping; client-level DP (server and client noise).
+        {"algorithm": "fedavg", "robust": "median", "attack": "signflip:1"},
+        {"algorithm": "fedcdd", "clip": "median:1", "attack": "scale:1:-10"},
+        {"algorithm": "fedavg", "dp_clip": 0.05, "dp_noise_multiplier": 0.8},
+        {"algorithm": "fedprox", "dp_clip": 0.05, "dp_mode": "client", "attack": "labelflip:1"},
+    ],
+    ids=lambda o: "-".join(str(v) for v in o.values()),
+)
+def test_client_and_server_reproduce_fedcdd_run(tiny: dict, tmp_path: Path, overrides: dict) -> None:
+    cfg = dict(tiny, **overrides)
     ours = federate(cfg, tmp_path / "py")
     ref = tmp_path / "cli"
     sets = []

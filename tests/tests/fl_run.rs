@@ -560,3 +560,159 @@ fn sweep_shares_reuses_and_resumes_runs() {
         );
     }
 }
+
+fn adapter_values(run: &Path) -> Vec<f64> {
+    let (tensors, _) =
+        fedcdd_host::io::read_safetensors(&run.join("adapter/adapter_model.safetensors")).unwrap();
+    let mut tensors = tensors;
+    tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    tensors
+        .iter()
+        .flat_map(|t| t.data.iter().map(|&v| v as f64))
+        .collect()
+}
+
+fn distance(a: &[f64], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// An attacker that sends −100·Δ drags FedAvg's mean far away; the coordinate-wise median of
+/// the three clients stays near the clean run; clipping to the median norm bounds it too. The
+/// rounds log who was clipped.
+#[test]
+fn robust_rules_and_clipping_hold_off_a_scaled_sign_flip() {
+    let f = fixture();
+    let dir = f.root.join("attack");
+    fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("run.toml");
+    write_config(&cfg, "fedavg", 2);
+    let run = |name: &str, sets: &[&str]| -> PathBuf {
+        let out = dir.join(name);
+        let mut args = vec![
+            "run".to_string(),
+            s(&cfg),
+            "--out".into(),
+            s(&out),
+            "--quiet".into(),
+            "--set".into(),
+            "sample_clients=3".into(),
+            "--set".into(),
+            "keep_ratio=1.0".into(),
+        ];
+        for x in sets {
+            args.push("--set".into());
+            args.push(x.to_string());
+        }
+        fedcdd(args).ok();
+        out
+    };
+    let clean = adapter_values(&run("clean", &[]));
+    let attacked = adapter_values(&run("attacked", &["attack=\"scale:1:-100\""]));
+    let median = adapter_values(&run(
+        "median",
+        &["attack=\"scale:1:-100\"", "robust=\"median\""],
+    ));
+    let clipped_dir = run("clipped", &["attack=\"scale:1:-100\"", "clip=\"median:1\""]);
+    let clipped = adapter_values(&clipped_dir);
+    let (d_mean, d_median, d_clip) = (
+        distance(&attacked, &clean),
+        distance(&median, &clean),
+        distance(&clipped, &clean),
+    );
+    assert!(
+        d_median * 5.0 < d_mean,
+        "median {d_median} vs mean {d_mean}"
+    );
+    assert!(d_clip * 5.0 < d_mean, "clipped {d_clip} vs mean {d_mean}");
+    let rounds = fs::read_to_string(clipped_dir.join("rounds.csv")).unwrap();
+    assert!(rounds.starts_with(
+        "round,clients,train_loss,upload_bytes,cumulative_upload_bytes,dense_bytes,seconds,\
+         clipped,clip_bound,epsilon\n"
+    ));
+    for line in rounds.lines().skip(1) {
+        let cols: Vec<&str> = line.split(',').collect();
+        let clipped: usize = cols[7].parse().unwrap();
+        assert!(clipped >= 1, "the attacker is clipped every round: {line}");
+        assert!(cols[8].parse::<f64>().unwrap() > 0.0);
+    }
+    // Robust rules and DP are refused where they do not apply, naming the key.
+    for (sets, key) in [
+        (vec!["algorithm=\"fedcdd\"", "robust=\"median\""], "robust"),
+        (vec!["robust=\"trimmed_mean:1\""], "trimmed_mean"),
+        (vec!["algorithm=\"fedcdd\"", "dp_clip=1.0"], "dp_clip"),
+        (vec!["attack=\"signflip:9\""], "attack"),
+        (vec!["dp_clip=1.0", "dp_delta=2.0"], "dp_delta"),
+    ] {
+        let mut args = vec![
+            "run".to_string(),
+            s(&cfg),
+            "--out".into(),
+            s(&dir.join("bad")),
+        ];
+        for x in sets {
+            args.push("--set".into());
+            args.push(x.to_string());
+        }
+        let out = fedcdd(args);
+        assert!(!out.status.success());
+        assert!(out.stderr.contains(key), "{out}");
+    }
+}
+
+/// Client-level DP: every update is clipped to `dp_clip` (the rounds say all were), ε grows
+/// round by round and is in the summary, and the noise changes the result (σ = 0 vs 1).
+#[test]
+fn dp_clips_every_client_and_accounts_epsilon() {
+    let f = fixture();
+    let dir = f.root.join("dp");
+    fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("run.toml");
+    write_config(&cfg, "fedavg", 3);
+    let run = |name: &str, sigma: &str| -> PathBuf {
+        let out = dir.join(name);
+        fedcdd([
+            "run",
+            &s(&cfg),
+            "--out",
+            &s(&out),
+            "--quiet",
+            "--set",
+            "dp_clip=0.000001",
+            "--set",
+            &format!("dp_noise_multiplier={sigma}"),
+        ])
+        .ok();
+        out
+    };
+    let noisy = run("noisy", "1.0");
+    let quiet = run("quiet", "0.0");
+    let rounds = fs::read_to_string(noisy.join("rounds.csv")).unwrap();
+    let mut last = 0.0;
+    for line in rounds.lines().skip(1) {
+        let cols: Vec<&str> = line.split(',').collect();
+        let sampled = cols[1].split(';').count();
+        assert_eq!(
+            cols[7].parse::<usize>().unwrap(),
+            sampled,
+            "all clipped: {line}"
+        );
+        let eps: f64 = cols[9].parse().unwrap();
+        assert!(eps > last, "ε grows: {rounds}");
+        last = eps;
+    }
+    let summary = fs::read_to_string(noisy.join("summary.md")).unwrap();
+    assert!(summary.contains("## Differential privacy"), "{summary}");
+    assert_ne!(adapter_values(&noisy), adapter_values(&quiet));
+    let quiet_rounds = fs::read_to_string(quiet.join("rounds.csv")).unwrap();
+    assert!(
+        quiet_rounds
+            .lines()
+            .skip(1)
+            .all(|l| l.ends_with(",inf") || l.ends_with(",")),
+        "{quiet_rounds}"
+    );
+}

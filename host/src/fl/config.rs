@@ -14,7 +14,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::builtin::Benchmark;
 use crate::device::Device;
+use crate::fl::attack::Attack;
 use crate::fl::base::BuiltinSize;
+use crate::fl::defense::{Clip, DpMode, RobustRule};
+use crate::fl::privacy::noise_for_epsilon;
 use crate::model::lora::{LoraConfig, parse_targets};
 use crate::server::{ServerOptions, ServerSettings};
 use crate::train::OptimizerKind;
@@ -118,6 +121,31 @@ pub struct RunConfig {
     /// `divergence_only` (FedAvg's magnitude, the aligned direction).
     #[serde(with = "named")]
     pub components: Components,
+    /// Per-client L2 clipping of the whole update before aggregation: `none`, `fixed:C`, or
+    /// `median:M` (M × the round's median client norm).
+    #[serde(with = "named")]
+    pub clip: Clip,
+    /// A coordinate-wise robust rule in place of the mean (fedavg, fedprox): `none`,
+    /// `median`, `trimmed_mean:K` (drop the K largest and K smallest values).
+    #[serde(with = "named")]
+    pub robust: RobustRule,
+    /// Malicious clients, for robustness experiments: `none`, `signflip:K`, `scale:K:F`,
+    /// `noise:K:SIGMA`, `labelflip:K` (K clients, chosen by the seed).
+    #[serde(with = "named")]
+    pub attack: Attack,
+    /// Client-level differential privacy (DP-FedAvg; fedavg, fedprox): every update clipped to
+    /// this L2 norm C and averaged with equal weights, plus Gaussian noise of
+    /// `dp_noise_multiplier · C` on the sum; 0 = off.
+    pub dp_clip: f32,
+    pub dp_noise_multiplier: f32,
+    /// A target ε instead of a noise multiplier: > 0 sets `dp_noise_multiplier` to the
+    /// smallest one that keeps all `rounds` rounds within this ε at `dp_delta` (0 = off).
+    pub dp_epsilon: f64,
+    /// δ of the (ε, δ) guarantee the accountant reports.
+    pub dp_delta: f64,
+    /// `server` (the server adds the noise) or `client` (each client adds its share).
+    #[serde(with = "named")]
+    pub dp_mode: DpMode,
     /// Evaluate the global model every this many rounds (and after the last).
     pub eval_every: usize,
     /// Questions per domain asked for exact-match accuracy (the loss uses up to four times
@@ -176,6 +204,14 @@ impl Default for RunConfig {
             weighting: Weighting::PRelu,
             renormalize: true,
             components: Components::Both,
+            clip: Clip::None,
+            robust: RobustRule::None,
+            attack: Attack::None,
+            dp_clip: 0.0,
+            dp_noise_multiplier: 1.0,
+            dp_epsilon: 0.0,
+            dp_delta: 1e-5,
+            dp_mode: DpMode::Server,
             eval_every: 1,
             eval_questions: 200,
             references: vec![Reference::Centralized],
@@ -221,10 +257,11 @@ impl RunConfig {
         let origin = path.map_or("the --set values".to_string(), |p| {
             format!("{} (with --set)", p.display())
         });
-        let cfg: RunConfig = toml::Value::Table(table)
+        let mut cfg: RunConfig = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| anyhow::anyhow!("{origin}: {}", with_key(&e)))?;
         cfg.validate()?;
+        cfg.resolve_dp_target();
         Ok(cfg)
     }
 
@@ -233,10 +270,11 @@ impl RunConfig {
         let table = text
             .parse::<toml::Table>()
             .with_context(|| format!("{origin}: not valid TOML"))?;
-        let cfg: RunConfig = toml::Value::Table(table)
+        let mut cfg: RunConfig = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| anyhow::anyhow!("{origin}: {}", with_key(&e)))?;
         cfg.validate().with_context(|| origin.to_string())?;
+        cfg.resolve_dp_target();
         Ok(cfg)
     }
 
@@ -295,7 +333,100 @@ impl RunConfig {
             self.importance = off.importance;
             self.mask_axis = off.mask_axis;
         }
+        self.resolve_dp_target();
         self
+    }
+
+    /// Replaces a target `dp_epsilon` by the noise multiplier that meets it (done at load, so
+    /// that the saved config, a resumed run and every Flower process use the same σ).
+    fn resolve_dp_target(&mut self) {
+        if self.dp() && self.dp_epsilon > 0.0 && self.dp_epsilon.is_finite() {
+            let q = self.sample_clients as f64 / self.num_clients.max(1) as f64;
+            let sigma = noise_for_epsilon(q, self.rounds, self.dp_delta, self.dp_epsilon);
+            // Rounded up, so that the f32 multiplier stays within the target.
+            self.dp_noise_multiplier = (sigma * (1.0 + 1e-6)) as f32;
+            self.dp_epsilon = 0.0;
+        }
+    }
+
+    /// Whether client-level DP is on.
+    pub fn dp(&self) -> bool {
+        self.dp_clip > 0.0
+    }
+
+    /// The robustness and privacy keys, with messages that name them.
+    fn validate_defenses(&self) -> Result<()> {
+        let mean_family = matches!(self.algorithm, Algorithm::FedAvg | Algorithm::FedProx);
+        if self.robust != RobustRule::None {
+            if !mean_family {
+                bail!(
+                    "robust = {} replaces the mean of fedavg or fedprox; algorithm is {}",
+                    self.robust,
+                    self.algorithm.name()
+                );
+            }
+            if let RobustRule::TrimmedMean(k) = self.robust
+                && 2 * k >= self.sample_clients
+            {
+                bail!(
+                    "robust = {}: trimming {k} from each side needs more than {} clients a \
+                     round (sample_clients is {})",
+                    self.robust,
+                    2 * k,
+                    self.sample_clients
+                );
+            }
+        }
+        if self.client_data.is_empty() && self.attack.count() > self.num_clients {
+            bail!(
+                "attack = {}: more attackers than the {} clients",
+                self.attack,
+                self.num_clients
+            );
+        }
+        if !(self.dp_clip >= 0.0 && self.dp_clip.is_finite()) {
+            bail!(
+                "dp_clip must be a finite number >= 0 (0 = DP off), got {}",
+                self.dp_clip
+            );
+        }
+        if self.dp_epsilon != 0.0 && !self.dp() {
+            bail!("dp_epsilon = {} needs dp_clip > 0 (DP on)", self.dp_epsilon);
+        }
+        if self.dp() {
+            if !mean_family {
+                bail!(
+                    "dp_clip: client-level DP is offered for fedavg and fedprox; {} is not a sum \
+                     of bounded per-client terms (see docs/privacy.md)",
+                    self.algorithm.name()
+                );
+            }
+            if self.robust != RobustRule::None || self.clip != Clip::None {
+                bail!("dp_clip: DP does its own clipping; set robust and clip to none");
+            }
+            if !(self.dp_noise_multiplier >= 0.0 && self.dp_noise_multiplier.is_finite()) {
+                bail!("dp_noise_multiplier must be a finite number >= 0");
+            }
+            if !(self.dp_epsilon >= 0.0 && self.dp_epsilon.is_finite()) {
+                bail!("dp_epsilon must be a finite number >= 0 (0 = use dp_noise_multiplier)");
+            }
+            if !(self.dp_delta > 0.0 && self.dp_delta < 1.0) {
+                bail!("dp_delta must be in (0, 1), got {}", self.dp_delta);
+            }
+        }
+        Ok(())
+    }
+
+    /// A short stable name of this config: a hash of the keys whose value differs from the
+    /// default (so a key added to the config later, at its default, keeps every name).
+    pub fn id(&self) -> Result<String> {
+        let mut table: toml::Table =
+            toml::from_str(&self.to_toml()?).context("cannot read the config back as TOML")?;
+        let defaults: toml::Table = toml::from_str(&RunConfig::default().to_toml()?)
+            .context("cannot read the default config as TOML")?;
+        table.retain(|k, v| defaults.get(k) != Some(v));
+        let text = toml::to_string(&table).context("cannot write the config as TOML")?;
+        Ok(format!("{:016x}", crate::rng::fnv1a(text.as_bytes())))
     }
 
     /// The keep ratio in force: `keep_ratio`, else 0.5 for FedCDD and 1 (dense) otherwise.
@@ -390,6 +521,7 @@ impl RunConfig {
         if !(self.fedprox_mu >= 0.0 && self.fedprox_mu.is_finite()) {
             bail!("fedprox_mu must be >= 0");
         }
+        self.validate_defenses()?;
         if !self.builtin_data() && !self.builtin_model() && self.eval_data.is_empty() {
             bail!("with your own data, give eval_data (held-out records with a domain field)");
         }
@@ -502,7 +634,16 @@ macro_rules! config_value_by_trait {
         }
     )*};
 }
-config_value_by_trait!(Partition, Reference, Device, OptimizerKind);
+config_value_by_trait!(
+    Partition,
+    Reference,
+    Device,
+    OptimizerKind,
+    Clip,
+    RobustRule,
+    Attack,
+    DpMode
+);
 
 macro_rules! config_value_by_name {
     ($($t:ty => $key:literal),*) => {$(
@@ -647,5 +788,28 @@ mod tests {
         std::fs::write(&p, text).unwrap();
         assert_eq!(RunConfig::load(Some(&p), &[]).unwrap(), c);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A target ε becomes the noise multiplier that meets it (the accountant's ε of the whole
+    /// run is at most the target and within 1 % of it); without DP the key is refused.
+    #[test]
+    fn dp_epsilon_sets_the_noise_multiplier() {
+        use crate::fl::privacy::epsilon;
+        for (sample, target) in [(4usize, 4.0f64), (2, 1.0), (4, 100.0)] {
+            let sets = [
+                "algorithm=fedavg".to_string(),
+                "rounds=7".into(),
+                format!("sample_clients={sample}"),
+                "dp_clip=1.0".into(),
+                format!("dp_epsilon={target}"),
+            ];
+            let c = RunConfig::load(None, &sets).unwrap();
+            assert_eq!(c.dp_epsilon, 0.0);
+            let q = sample as f64 / c.num_clients as f64;
+            let eps = epsilon(q, c.dp_noise_multiplier as f64, 7, c.dp_delta);
+            assert!(eps <= target && eps > 0.99 * target, "{target}: ε {eps}");
+        }
+        let e = RunConfig::load(None, &["dp_epsilon=4".into()]).unwrap_err();
+        assert!(format!("{e:#}").contains("dp_clip"), "{e:#}");
     }
 }

@@ -2,11 +2,14 @@
 //! layer (every algorithm's client and server parts), the rounds, reference points, and the
 //! built-in benchmark's base model.
 
+pub mod attack;
 pub mod base;
 pub mod client;
 pub mod config;
+pub mod defense;
 pub mod evaluate;
 pub mod live;
+pub mod privacy;
 pub mod references;
 pub mod run;
 pub mod runner;

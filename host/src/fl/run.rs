@@ -19,23 +19,28 @@ use crate::report::{
 };
 
 use super::config::RunConfig;
+use super::defense::RobustRule;
 use super::references::reference_point;
 use super::runner::{Outcome, STOP, Server, run_rounds};
 use super::scores::format_eval_line;
 use super::session::{CHECKPOINT, load_progress, sorted};
 use super::setup::build_setup;
-use super::strategy::{Strategy, StrategyOptions, for_algorithm};
+use super::strategy::{Robust, Strategy, StrategyOptions, for_algorithm};
 
 /// The strategy `cfg` names, with its options.
 pub fn strategy_for(cfg: &RunConfig) -> Result<Box<dyn Strategy>> {
     let server = cfg.server_options()?;
-    Ok(for_algorithm(
+    let strategy = for_algorithm(
         cfg.algorithm,
         &StrategyOptions {
             server,
             fedprox_mu: cfg.fedprox_mu,
         },
-    ))
+    );
+    Ok(match cfg.robust {
+        RobustRule::None => strategy,
+        rule => Box::new(Robust::new(strategy, rule)),
+    })
 }
 
 /// A free default run directory: `runs/<algorithm>-s<seed>`, then `-2`, `-3`, ...
@@ -291,8 +296,9 @@ pub fn run_or_reuse(
 
 /// The report of a finished run in `dir` with exactly this config, if there is one.
 fn finished_report(dir: &Path, cfg: &RunConfig) -> Option<RunReport> {
+    // The same settings (a key added since, at its default, reads back as the default).
     let text = std::fs::read_to_string(dir.join("config.toml")).ok()?;
-    if text != cfg.to_toml().ok()? {
+    if RunConfig::from_toml(&text, "config.toml").ok()? != *cfg {
         return None;
     }
     let state = load_progress(dir).ok()?;

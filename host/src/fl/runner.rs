@@ -30,9 +30,13 @@ use crate::upload::{ClientUpdate, decode_update, encode_tensors, parse_upload};
 
 use super::client::{LocalPlan, train_local};
 use super::config::RunConfig;
+use super::defense::{
+    Clip, DpMode, add_gaussian, plan_clipping, privatize_update, scale_update, update_norm,
+};
 use super::live::Live;
+use super::privacy::epsilon;
 use super::scores::{eval_point, evaluate_federation, format_eval_line};
-use super::seeds::{SEED_DATA, SEED_INIT, SEED_MASK, sample_round, stream_seed};
+use super::seeds::{SEED_DATA, SEED_DP, SEED_INIT, SEED_MASK, sample_round, stream_seed};
 use super::session::{RunProgress, RunState, load_checkpoint, reorder, save_checkpoint, sorted};
 use super::setup::{Client, Setup};
 use super::strategy::{ClientJob, ClientState, ModelContext, NextGlobal, ServerRound, Strategy};
@@ -134,6 +138,24 @@ pub fn client_round<B: Backend>(
         });
         dense_bytes += 4 * g.data.len() as u64;
     }
+    if cfg.dp() && cfg.dp_mode == DpMode::Client {
+        privatize_update(
+            &mut deltas,
+            cfg.dp_clip,
+            cfg.dp_noise_multiplier,
+            cfg.sample_clients,
+            stream_seed(cfg.seed, SEED_DP, round, k),
+        )
+        .with_context(|| format!("{origin}: differential privacy"))?;
+    }
+    let federation = if cfg.client_data.is_empty() {
+        cfg.num_clients
+    } else {
+        cfg.client_data.len()
+    };
+    if cfg.attack.attackers(cfg.seed, federation).contains(&k) {
+        cfg.attack.corrupt_update(&mut deltas, cfg.seed, round, k);
+    }
     let samples = client.examples.len() as u64;
     let header = UploadHeader::new(round as u32, k as u32, samples, deltas.len() as u32);
     let (upload, _) = encode_tensors(
@@ -163,10 +185,13 @@ struct Kept {
     dense_bytes: u64,
 }
 
-/// The round's kept replies, decoded one at a time for the strategy.
+/// The round's kept replies, decoded one at a time for the strategy, each scaled by its
+/// clipping factor; under DP every client weighs the same.
 struct KeptReplies<'a> {
     global: &'a Adapter,
     replies: &'a [Kept],
+    scales: Option<&'a [f32]>,
+    uniform: bool,
 }
 
 impl KeptReplies<'_> {
@@ -185,6 +210,9 @@ impl ClientLoader for KeptReplies<'_> {
     }
 
     fn samples(&mut self, index: usize) -> Result<Option<u64>> {
+        if self.uniform {
+            return Ok(Some(1));
+        }
         let h = parse_upload(&self.replies[index].upload, Path::new(&self.origin(index)))?.header;
         Ok((h.num_samples > 0).then_some(h.num_samples))
     }
@@ -192,6 +220,12 @@ impl ClientLoader for KeptReplies<'_> {
     fn load(&mut self, index: usize) -> Result<ClientUpdate> {
         let r = &self.replies[index];
         let mut u = decode_update(&r.upload, Path::new(&self.origin(index)), self.global)?;
+        if let Some(s) = self.scales {
+            scale_update(&mut u, s[index]);
+        }
+        if self.uniform {
+            u.samples = Some(1);
+        }
         u.extras = r.extras.clone();
         Ok(u)
     }
@@ -439,16 +473,59 @@ impl<B: Backend> Server<B> {
                 run_dir: &self.run_dir,
             }),
         };
+        // Clipping (`clip`, or DP's bound when the server adds the noise): one pass over the
+        // replies for their norms.
+        let server_dp = cfg.dp() && cfg.dp_mode == DpMode::Server;
+        let clipping = if cfg.clip != Clip::None || server_dp {
+            let mut norms = Vec::with_capacity(self.kept.len());
+            for r in &self.kept {
+                let origin = format!("client {}", r.client);
+                let u = decode_update(&r.upload, Path::new(&origin), &global_adapter)?;
+                norms.push(update_norm(&u.deltas));
+            }
+            let dp_bound = if server_dp { cfg.dp_clip } else { 0.0 };
+            plan_clipping(&norms, cfg.clip, dp_bound)
+                .with_context(|| format!("round {}", round + 1))?
+        } else {
+            None
+        };
         let mut replies = KeptReplies {
             global: &global_adapter,
             replies: &self.kept,
+            scales: clipping.as_ref().map(|p| p.scales.as_slice()),
+            uniform: cfg.dp(),
         };
         let step = self
             .strategy
             .aggregate_train(&global_adapter, &mut replies, &server_round)
             .with_context(|| format!("server step of round {}", round + 1))?;
         match step.next {
-            NextGlobal::Adapter(tensors) => self.st.global = reorder(tensors, &self.st.global)?,
+            NextGlobal::Adapter(mut tensors) => {
+                if server_dp {
+                    // The Gaussian mechanism on the mean of the clipped updates: σ·C on the
+                    // sum, σ·C/N on the mean, times the server rate.
+                    let rate = cfg.server_settings().server_lr.unwrap_or(1.0) as f64;
+                    let std = rate * (cfg.dp_noise_multiplier * cfg.dp_clip) as f64
+                        / self.kept.len() as f64;
+                    let mut sent: Vec<Tensor> = Vec::new();
+                    let mut rest: Vec<Tensor> = Vec::new();
+                    for t in tensors {
+                        if self.strategy.sends(t.role()) {
+                            sent.push(t);
+                        } else {
+                            rest.push(t);
+                        }
+                    }
+                    sent.sort_by(|a, b| a.name.cmp(&b.name));
+                    add_gaussian(
+                        &mut sent,
+                        std,
+                        stream_seed(cfg.seed, SEED_DP, round, usize::MAX),
+                    );
+                    tensors = sent.into_iter().chain(rest).collect();
+                }
+                self.st.global = reorder(tensors, &self.st.global)?
+            }
             NextGlobal::NewBase(dir) => {
                 self.live = Live::load(be, &dir, &self.setup.model_config, self.lcfg.clone())?;
                 self.st.progress.base = dir.file_name().map(|n| n.to_string_lossy().into_owned());
@@ -470,6 +547,12 @@ impl<B: Backend> Server<B> {
             seconds: t0.elapsed().as_secs_f64(),
             missing: missing.clone(),
             rejected,
+            clipped: clipping.as_ref().map(|p| p.clipped()),
+            clip_bound: clipping.as_ref().map(|p| p.bound as f64),
+            epsilon: cfg.dp().then(|| {
+                let q = cfg.sample_clients as f64 / self.setup.num_clients.max(1) as f64;
+                epsilon(q, cfg.dp_noise_multiplier as f64, round + 1, cfg.dp_delta)
+            }),
         };
         let mut line = format!(
             "round {}/{}: clients {:?}, train loss {:.3}, uploaded {} ({:.0}% of dense)",
@@ -485,6 +568,12 @@ impl<B: Backend> Server<B> {
         }
         if !log.rejected.is_empty() {
             line.push_str(&format!(", {} rejected", log.rejected.len()));
+        }
+        if let (Some(n), Some(b)) = (log.clipped, log.clip_bound) {
+            line.push_str(&format!(", {n} of {} clipped to {b:.3}", clients.len()));
+        }
+        if let Some(e) = log.epsilon {
+            line.push_str(&format!(", DP ε = {e:.2} (δ = {})", cfg.dp_delta));
         }
         self.st.progress.rounds.push(log);
         self.kept.clear();

@@ -14,6 +14,10 @@ pub const SEED_MASK: u64 = 3;
 pub const SEED_INIT: u64 = 4;
 /// Partitioning data among clients.
 pub const SEED_PARTITION: u64 = 7;
+/// Which clients attack, and their attacks' randomness.
+pub const SEED_ATTACK: u64 = 8;
+/// Differential-privacy noise.
+pub const SEED_DP: u64 = 9;
 
 /// SplitMix64's step from `z` (the core's generator): its first output for seed `z`.
 pub fn splitmix(z: u64) -> u64 {

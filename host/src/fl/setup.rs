@@ -13,10 +13,11 @@ use crate::data::{Example, Record, Tokenizer, load_records, tokenize_records, tr
 use crate::model::config::LlamaConfig;
 use crate::rng::Rng;
 
+use super::attack::{Attack, flip_labels};
 use super::base::{BaseRecipe, BuiltinSize, cache_root, ensure_base};
 use super::config::{Partition, RunConfig};
 use super::evaluate::{EvalSet, eval_set};
-use super::seeds::{SEED_PARTITION, stream_seed};
+use super::seeds::{SEED_ATTACK, SEED_PARTITION, stream_seed};
 
 /// One client's local data.
 pub struct Client {
@@ -112,18 +113,21 @@ pub fn build_setup_for<B: Backend>(
         let ex = tokenize_records(&recs, &tok)
             .with_context(|| format!("client data {}", path.display()))?;
         let examples = trainable_examples(ex, cfg.seq, path)?;
+        let num_clients = cfg.num_clients.max(id + 1);
+        let mut clients = vec![Client {
+            id: *id,
+            label: path.display().to_string(),
+            examples,
+        }];
+        flip_attackers_labels(cfg, num_clients, &mut clients);
         return Ok(Setup {
             cfg: cfg.clone(),
             be,
             base_dir,
             model_config,
             tok,
-            num_clients: cfg.num_clients.max(id + 1),
-            clients: vec![Client {
-                id: *id,
-                label: path.display().to_string(),
-                examples,
-            }],
+            num_clients,
+            clients,
             eval_sets: Vec::new(),
             domains: Vec::new(),
         });
@@ -225,6 +229,7 @@ pub fn build_setup_for<B: Backend>(
             cfg.partition.to_string()
         );
     }
+    flip_attackers_labels(cfg, num_clients, &mut clients);
     if let Role::Client { id, .. } = role {
         if *id >= num_clients {
             bail!(
@@ -244,6 +249,17 @@ pub fn build_setup_for<B: Backend>(
         eval_sets,
         domains,
     })
+}
+
+/// `attack = labelflip:K`: the attacking clients train on their questions with the answers
+/// shuffled among them.
+fn flip_attackers_labels(cfg: &RunConfig, num_clients: usize, clients: &mut [Client]) {
+    if let Attack::LabelFlip(_) = cfg.attack {
+        let attackers = cfg.attack.attackers(cfg.seed, num_clients);
+        for c in clients.iter_mut().filter(|c| attackers.contains(&c.id)) {
+            c.examples = flip_labels(&c.examples, stream_seed(cfg.seed, SEED_ATTACK, 0, c.id));
+        }
+    }
 }
 
 /// Records grouped by their `domain` field (order of first appearance).

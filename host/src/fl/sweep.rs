@@ -21,7 +21,6 @@ use anyhow::{Context, Result, bail};
 
 use crate::progress::Reporter;
 use crate::report::{CompareResult, SweepAbout, SweepResult, write_sweep_report};
-use crate::rng::fnv1a;
 
 use super::config::{RunConfig, apply_sets, parse_value};
 use super::run::run_or_reuse;
@@ -67,7 +66,7 @@ pub struct SweepPoint {
     pub seed: u64,
     /// The resolved config, with defaults that depend on other keys made explicit.
     pub cfg: RunConfig,
-    /// Hash of the resolved config: the run directory's name.
+    /// [`RunConfig::id`] of the resolved config: the run directory's name.
     pub id: String,
 }
 
@@ -287,11 +286,10 @@ impl SweepSpec {
             for s in 0..self.seeds {
                 let mut cfg = cfg.clone();
                 cfg.seed = cfg.seed.wrapping_add(s);
-                let text = cfg.to_toml()?;
                 out.push(SweepPoint {
                     values: label.clone(),
                     seed: cfg.seed,
-                    id: format!("{:016x}", fnv1a(text.as_bytes())),
+                    id: cfg.id()?,
                     cfg,
                 });
             }

@@ -91,6 +91,14 @@ pub struct RoundLog {
     /// Replies the server rejected, with why (a corrupt upload, a NaN).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rejected: Vec<String>,
+    /// Clients whose update was scaled down by clipping (`clip` or DP), and the bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clipped: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip_bound: Option<f64>,
+    /// ε of the run's differential-privacy guarantee after this round (at `dp_delta`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
 }
 
 /// Everything a run's report shows.

@@ -178,21 +178,25 @@ pub(super) fn metrics_csv(r: &RunReport, domains: &[String]) -> String {
 
 pub(super) fn rounds_csv(r: &RunReport) -> String {
     let mut out = String::from(
-        "round,clients,train_loss,upload_bytes,cumulative_upload_bytes,dense_bytes,seconds\n",
+        "round,clients,train_loss,upload_bytes,cumulative_upload_bytes,dense_bytes,seconds,\
+         clipped,clip_bound,epsilon\n",
     );
     let mut cumulative = 0u64;
     for l in &r.rounds {
         cumulative = cumulative.saturating_add(l.upload_bytes);
         let clients: Vec<String> = l.clients.iter().map(|c| c.to_string()).collect();
         out.push_str(&format!(
-            "{},{},{},{},{},{},{}\n",
+            "{},{},{},{},{},{},{},{},{},{}\n",
             l.round,
             clients.join(";"),
             csv_num(l.train_loss),
             l.upload_bytes,
             cumulative,
             l.dense_bytes,
-            csv_num(l.seconds)
+            csv_num(l.seconds),
+            l.clipped.map_or_else(String::new, |n| n.to_string()),
+            csv_opt(l.clip_bound),
+            csv_opt(l.epsilon)
         ));
     }
     out
@@ -426,6 +430,28 @@ pub(super) fn summary_md(r: &RunReport, domains: &[String], has_accuracy: bool) 
         ));
     } else if dense > 0 {
         out.push_str(" Ratio uploaded/dense: 0.000.");
+    }
+    let clipped: Vec<String> = r
+        .rounds
+        .iter()
+        .filter_map(|l| {
+            let (n, b) = (l.clipped?, l.clip_bound?);
+            Some(format!("{}: {n} of {} to {b:.4}", l.round, l.clients.len()))
+        })
+        .collect();
+    if !clipped.is_empty() {
+        out.push_str(&format!(
+            "\n\n## Clipping\n\nClients whose update was scaled down, by round: {}.",
+            clipped.join("; ")
+        ));
+    }
+    if let Some(e) = r.rounds.iter().rev().find_map(|l| l.epsilon) {
+        out.push_str(&format!(
+            "\n\n## Differential privacy\n\nClient-level (ε, δ)-DP after {} rounds: ε = {e:.3} \
+             (Rényi-DP accountant of the sampled Gaussian mechanism; δ as configured; \
+             `rounds.csv` has ε after every round).",
+            r.rounds.len()
+        ));
     }
     out.push_str(&format!(
         "\n\nTraining wall time: {seconds:.1} s.\n\n## Plots\n\n"

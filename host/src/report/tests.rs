@@ -76,6 +76,9 @@ fn sample_run() -> RunReport {
                 seconds: 1.5,
                 missing: Vec::new(),
                 rejected: Vec::new(),
+                clipped: None,
+                clip_bound: None,
+                epsilon: None,
             },
             RoundLog {
                 round: 2,
@@ -86,6 +89,9 @@ fn sample_run() -> RunReport {
                 seconds: 1.0,
                 missing: vec![0],
                 rejected: vec![String::from("client 2: tensor \"x\": bad upload encoding")],
+                clipped: None,
+                clip_bound: None,
+                epsilon: None,
             },
         ],
         references: [(
@@ -539,8 +545,11 @@ fn write_run_report_writes_all_files() {
     assert!(csv.contains("\n2,mean,1.5,0.5,20\n"));
     let rounds = read("rounds.csv");
     assert_eq!(rounds.lines().count(), 1 + 2);
-    assert!(rounds.contains("\n1,0;1,1.7,1000,1000,10000,1.5\n"));
-    assert!(rounds.contains("\n2,1,,500,1500,5000,1\n"));
+    assert!(
+        rounds.contains("\n1,0;1,1.7,1000,1000,10000,1.5,,,\n"),
+        "{rounds}"
+    );
+    assert!(rounds.contains("\n2,1,,500,1500,5000,1,,,\n"), "{rounds}");
 
     let acc = read("accuracy.svg");
     assert_clean_svg(&acc);

@@ -7,6 +7,7 @@ mod fedcdd;
 mod fedprox;
 mod flora;
 mod lora_split;
+mod robust;
 mod scaffold;
 
 use fedcdd_core::Algorithm;
@@ -20,6 +21,7 @@ pub use fedcdd::FedCdd;
 pub use fedprox::FedProx;
 pub use flora::FLora;
 pub use lora_split::{FedSaLora, FfaLora};
+pub use robust::Robust;
 pub use scaffold::Scaffold;
 
 use crate::server::ServerOptions;
