@@ -3,7 +3,7 @@
 # (finished runs under runs/results/ are reused, interrupted ones resumed), then writes the
 # page with each sweep's tables, plots (copied to docs/results/) and wall time.
 #
-#   bash scripts/results.sh            # everything (about 2 h on a 2-core machine)
+#   bash scripts/results.sh            # everything (about 3.5 h on a 2-core machine)
 #   RESULTS_ONLY=heterogeneity bash scripts/results.sh   # one sweep (the page keeps the others' last output)
 set -euo pipefail
 cd "$(dirname "$0")/.."
