@@ -16,6 +16,7 @@ mod backend;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod profile;
 pub mod rope;
 
 pub use backend::{
@@ -23,6 +24,7 @@ pub use backend::{
     SharedBytes, WeightDType, WeightSource, clip_grad_norm, dropout_keep,
 };
 pub use cpu::{Cpu, CpuWeight};
+pub use profile::{OpKey, OpTotals, Profiled};
 pub use rope::{RopeScaling, RopeTable};
 
 #[cfg(test)]

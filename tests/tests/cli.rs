@@ -1437,6 +1437,64 @@ fn make_example_then_aggregate() {
     }
 }
 
+/// `bench train --profile`: the FLOPs counted call by call add up to the step's analytic
+/// count (they differ only by the diagonal of the causal mask), and the head is its own part.
+#[test]
+fn bench_train_profile_counts_every_op() {
+    let r = fedcdd([
+        "bench",
+        "train",
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+        "--batch",
+        "1",
+        "--seq",
+        "16",
+        "--peak-seconds",
+        "0.05",
+        "--profile",
+        "--json",
+    ])
+    .ok();
+    let j: serde_json::Value =
+        serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("bench JSON: {e}: {r}"));
+    let p = &j["profile"];
+    let ops = p["ops"].as_array().expect("profile ops");
+    let counted: f64 = ops
+        .iter()
+        .map(|o| o["gflop_per_step"].as_f64().unwrap())
+        .sum();
+    let analytic = j["gflop_per_step"].as_f64().expect("gflop_per_step");
+    assert!(
+        (counted - analytic).abs() < 0.01 * analytic,
+        "{counted} vs {analytic}"
+    );
+    let head: Vec<(&str, u64)> = ops
+        .iter()
+        .filter(|o| o["category"] == "LM head (vocab matmul)")
+        .map(|o| {
+            (
+                o["op"].as_str().unwrap(),
+                o["calls_per_step"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(head.len(), 2, "{head:?}");
+    assert!(head.contains(&("linear_forward", 1)), "{head:?}");
+    assert!(head.contains(&("linear_backward_input", 1)), "{head:?}");
+    let cats = p["categories"].as_array().expect("categories");
+    assert_eq!(
+        cats.last().unwrap()["category"],
+        "outside the ops (host code)"
+    );
+    for c in cats {
+        let s = c["seconds_per_step"].as_f64().unwrap();
+        assert!(s >= 0.0 && s.is_finite(), "{c}");
+    }
+}
+
 #[test]
 fn bench_aggregate_json() {
     let r = fedcdd([

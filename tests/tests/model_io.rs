@@ -491,6 +491,7 @@ fn config_to_json_round_trips_every_preset() {
         Preset::Llama3_8b,
         Preset::Llama3_2_1b,
         Preset::TinyLlama1_1b,
+        Preset::SmolLm2_135m,
     ];
     for p in presets {
         let mut c = p.config();
@@ -516,6 +517,7 @@ fn parameter_counts_match_the_published_models() {
     assert_eq!(count(Preset::Llama3_8b), 8_030_261_248);
     assert_eq!(count(Preset::Llama3_2_1b), 1_235_814_400);
     assert_eq!(count(Preset::TinyLlama1_1b), 1_100_048_384);
+    assert_eq!(count(Preset::SmolLm2_135m), 134_515_008);
     // tiny: embed + lm_head 2·2048·256, 4 layers of (q 256² + k,v 2·128·256 + o 256² +
     // 3·256·688 + 2·256), final norm 256.
     let layer = 256 * 256 + 2 * 128 * 256 + 256 * 256 + 3 * 256 * 688 + 2 * 256;

@@ -10,7 +10,7 @@ use std::time::Instant;
 use std::fmt::Write as _;
 
 use anyhow::{Context, Result, bail};
-use fedcdd_kernels::{AdamW, Backend};
+use fedcdd_kernels::{AdamW, Backend, OpKey, OpTotals, Profiled};
 
 use crate::data::Batch;
 use crate::model::config::LlamaConfig;
@@ -42,6 +42,8 @@ pub struct TrainBenchOptions {
     pub peak_seconds: f64,
     /// Also time PyTorch + PEFT (scripts/bench_torch_train.py) and print the ratio.
     pub torch: bool,
+    /// Then the timed steps again through [`Profiled`]: where a step's time goes.
+    pub profile: bool,
     /// JSON instead of a table.
     pub json: bool,
 }
@@ -110,6 +112,52 @@ fn random_batch(vocab: usize, batch: usize, seq: usize, seed: u64) -> Batch {
     }
 }
 
+/// Loads the model in `dir` on `be` and runs `warmup + steps` training steps on random
+/// tokens; returns the timed steps' seconds and the model's config. `after_warmup` runs once,
+/// before the first timed step.
+fn time_steps<B: Backend>(
+    be: &B,
+    dir: &Path,
+    a: &TrainBenchOptions,
+    what: &str,
+    after_warmup: impl Fn(),
+) -> Result<(Vec<f64>, LlamaConfig)> {
+    let lm = load_model(be, dir)?;
+    let cfg = &lm.model.config;
+    let mut lora = Lora::init(be, cfg, a.lora.clone(), 0)?;
+    let mut ws = Workspace::new(be, cfg, &a.lora, a.batch, a.seq);
+    let mut opt = OptState::new(be, &mut lora);
+    let optimizer = Optimizer::AdamW(AdamW::torch(1e-4, 0.0));
+    let bar = Progress::new();
+    let total = a.warmup + a.steps;
+    let mut step_secs = Vec::with_capacity(a.steps);
+    for step in 0..total {
+        if step == a.warmup {
+            after_warmup();
+        }
+        let batch = [random_batch(cfg.vocab_size, a.batch, a.seq, step as u64)];
+        let t = Instant::now();
+        train_step(
+            be,
+            &lm.model,
+            &mut lora,
+            &mut opt,
+            &mut ws,
+            &batch,
+            optimizer,
+            Some(1.0),
+            step as u64,
+            |_, _| Ok(()),
+        )?;
+        if step >= a.warmup {
+            step_secs.push(t.elapsed().as_secs_f64());
+        }
+        bar.update(step + 1, total, what);
+    }
+    bar.finish();
+    Ok((step_secs, cfg.clone()))
+}
+
 /// Runs the benchmark on the CPU; returns the table (or JSON) to print.
 pub fn run_train_bench(a: &TrainBenchOptions) -> Result<String> {
     if a.steps == 0 || a.batch == 0 || a.seq == 0 {
@@ -130,37 +178,9 @@ pub fn run_train_bench(a: &TrainBenchOptions) -> Result<String> {
             (tmp.0.clone(), format!("preset {}", a.preset.name()))
         }
     };
-    let lm = load_model(&be, &dir)?;
-    let cfg = &lm.model.config;
+    let (step_secs, config) = time_steps(&be, &dir, a, "steps", || {})?;
+    let cfg = &config;
     let lcfg = a.lora.clone();
-    let mut lora = Lora::init(&be, cfg, lcfg.clone(), 0)?;
-    let mut ws = Workspace::new(&be, cfg, &lcfg, a.batch, a.seq);
-    let mut opt = OptState::new(&be, &mut lora);
-    let optimizer = Optimizer::AdamW(AdamW::torch(1e-4, 0.0));
-    let bar = Progress::new();
-    let total = a.warmup + a.steps;
-    let mut step_secs = Vec::with_capacity(a.steps);
-    for step in 0..total {
-        let batch = [random_batch(cfg.vocab_size, a.batch, a.seq, step as u64)];
-        let t = Instant::now();
-        train_step(
-            &be,
-            &lm.model,
-            &mut lora,
-            &mut opt,
-            &mut ws,
-            &batch,
-            optimizer,
-            Some(1.0),
-            step as u64,
-            |_, _| Ok(()),
-        )?;
-        if step >= a.warmup {
-            step_secs.push(t.elapsed().as_secs_f64());
-        }
-        bar.update(step + 1, total, "steps");
-    }
-    bar.finish();
     let rss = peak_rss_bytes();
     let (anon, file) = (proc_status_bytes("RssAnon"), proc_status_bytes("RssFile"));
     progress::line(&format!(
@@ -177,6 +197,16 @@ pub fn run_train_bench(a: &TrainBenchOptions) -> Result<String> {
     let gflops = flops / median / 1e9;
     let torch = if a.torch {
         Some(run_torch(&dir, a)?)
+    } else {
+        None
+    };
+    let profile = if a.profile {
+        progress::line("the timed steps again, with a timer around every op");
+        let pbe = Profiled::new(crate::device::cpu(a.threads)?);
+        let (secs, _) = time_steps(&pbe, &dir, a, "profiled steps", || {
+            pbe.take();
+        })?;
+        Some(StepProfile::new(pbe.take(), &secs, cfg.vocab_size))
     } else {
         None
     };
@@ -199,6 +229,7 @@ pub fn run_train_bench(a: &TrainBenchOptions) -> Result<String> {
         "rss_file_bytes": file,
         "torch_tokens_per_second": torch,
         "speedup_vs_torch": torch.map(|t| tps_median / t),
+        "profile": profile.as_ref().map(StepProfile::to_json),
     });
     if a.json {
         return Ok(format!("{}\n", serde_json::to_string_pretty(&json)?));
@@ -252,7 +283,166 @@ pub fn run_train_bench(a: &TrainBenchOptions) -> Result<String> {
             tps_median / t
         )?;
     }
+    if let Some(p) = &profile {
+        out.push('\n');
+        out.push_str(&p.table(peak_gflops));
+    }
     Ok(out)
+}
+
+/// Where a training step's time goes: per-op totals from a [`Profiled`] run, per step.
+#[derive(Debug, Clone)]
+pub struct StepProfile {
+    /// Mean wall time of a profiled step (the op totals are means too).
+    pub step_seconds: f64,
+    pub steps: usize,
+    /// `(category, key, totals per step)`, slowest first.
+    pub rows: Vec<(&'static str, OpKey, OpTotals)>,
+}
+
+/// The part of a step an op belongs to. A frozen weight with `vocab` rows is the LM head (the
+/// tied embedding when the model ties them).
+pub fn op_category(key: &OpKey, vocab: usize) -> &'static str {
+    match key.op {
+        "linear_forward" | "linear_backward_input" if key.weight.map(|w| w.0) == Some(vocab) => {
+            "LM head (vocab matmul)"
+        }
+        "linear_forward" | "linear_backward_input" => "frozen projections",
+        "lora_forward" | "lora_backward" | "dropout_forward" | "dropout_backward" => {
+            "LoRA side path"
+        }
+        "attention_forward" | "attention_backward" | "rope" => "attention + RoPE",
+        "cross_entropy" => "cross-entropy",
+        "rmsnorm_forward" | "rmsnorm_backward" | "swiglu_forward" | "swiglu_backward"
+        | "embedding_forward" | "embedding_backward" | "axpy" => {
+            "norms, SwiGLU, embedding, residuals"
+        }
+        "adamw_step" | "sgd_step" | "sum_squares" | "scale" => "optimizer + clipping",
+        "matmul" => "other matmuls",
+        _ => "buffers (alloc, fill, copy, upload)",
+    }
+}
+
+impl StepProfile {
+    /// Totals over `step_secs.len()` steps, turned into per-step figures.
+    pub fn new(totals: Vec<(OpKey, OpTotals)>, step_secs: &[f64], vocab: usize) -> Self {
+        let steps = step_secs.len().max(1);
+        let per = steps as f64;
+        let mut rows: Vec<_> = totals
+            .into_iter()
+            .map(|(k, t)| {
+                let per_step = OpTotals {
+                    calls: t.calls / steps as u64,
+                    seconds: t.seconds / per,
+                    flops: t.flops / per,
+                };
+                (op_category(&k, vocab), k, per_step)
+            })
+            .collect();
+        rows.sort_by(|a, b| b.2.seconds.total_cmp(&a.2.seconds));
+        StepProfile {
+            step_seconds: step_secs.iter().sum::<f64>() / per,
+            steps: step_secs.len(),
+            rows,
+        }
+    }
+
+    /// Per-category totals `(category, seconds, flops)`, slowest first, then the time outside
+    /// every op (host code, waits) as its own line.
+    pub fn categories(&self) -> Vec<(&'static str, f64, f64)> {
+        let mut cats: Vec<(&'static str, f64, f64)> = Vec::new();
+        for (c, _, t) in &self.rows {
+            match cats.iter_mut().find(|(name, _, _)| name == c) {
+                Some(e) => {
+                    e.1 += t.seconds;
+                    e.2 += t.flops;
+                }
+                None => cats.push((c, t.seconds, t.flops)),
+            }
+        }
+        cats.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let in_ops: f64 = cats.iter().map(|c| c.1).sum();
+        cats.push((
+            "outside the ops (host code)",
+            (self.step_seconds - in_ops).max(0.0),
+            0.0,
+        ));
+        cats
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let rate = |s: f64, f: f64| {
+            if s > 0.0 && f > 0.0 {
+                Some(f / s / 1e9)
+            } else {
+                None
+            }
+        };
+        serde_json::json!({
+            "steps": self.steps,
+            "step_seconds_mean": self.step_seconds,
+            "categories": self.categories().iter().map(|(c, s, f)| serde_json::json!({
+                "category": c, "seconds_per_step": s, "gflop_per_step": f / 1e9,
+                "gflops": rate(*s, *f),
+            })).collect::<Vec<_>>(),
+            "ops": self.rows.iter().map(|(c, k, t)| serde_json::json!({
+                "category": c, "op": k.op, "shape": k.shape, "calls_per_step": t.calls,
+                "seconds_per_step": t.seconds, "gflop_per_step": t.flops / 1e9,
+                "gflops": rate(t.seconds, t.flops),
+            })).collect::<Vec<_>>(),
+        })
+    }
+
+    /// Two tables: by category, then the slowest ops (those above 0.5 % of a step).
+    pub fn table(&self, peak_gflops: f64) -> String {
+        let mut out = String::new();
+        let step = self.step_seconds.max(1e-12);
+        let rate = |s: f64, f: f64| {
+            if s > 0.0 && f > 0.0 {
+                let g = f / s / 1e9;
+                format!("{g:7.1} GFLOP/s {:3.0}%", 100.0 * g / peak_gflops)
+            } else {
+                String::new()
+            }
+        };
+        let _ = writeln!(
+            out,
+            "profile        mean step {:.4} s over {} profiled steps; % of peak against {peak_gflops:.1} GFLOP/s",
+            self.step_seconds, self.steps
+        );
+        let _ = writeln!(
+            out,
+            "  {:<38} {:>9} {:>6}",
+            "part of the step", "ms/step", "share"
+        );
+        for (c, s, f) in self.categories() {
+            let _ = writeln!(
+                out,
+                "  {c:<38} {:9.1} {:5.1}%  {}",
+                1e3 * s,
+                100.0 * s / step,
+                rate(s, f)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\n  {:<22} {:<42} {:>6} {:>9} {:>6}",
+            "op", "shape", "calls", "ms/step", "share"
+        );
+        for (_, k, t) in self.rows.iter().filter(|r| r.2.seconds > 0.005 * step) {
+            let _ = writeln!(
+                out,
+                "  {:<22} {:<42} {:>6} {:9.1} {:5.1}%  {}",
+                k.op,
+                k.shape,
+                t.calls,
+                1e3 * t.seconds,
+                100.0 * t.seconds / step,
+                rate(t.seconds, t.flops)
+            );
+        }
+        out
+    }
 }
 
 /// Runs scripts/bench_torch_train.py and returns its tokens/s.
@@ -321,5 +511,66 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(op: &'static str, weight: Option<(usize, usize)>) -> OpKey {
+        OpKey {
+            op,
+            shape: String::new(),
+            weight,
+        }
+    }
+
+    fn totals(calls: u64, seconds: f64, flops: f64) -> OpTotals {
+        OpTotals {
+            calls,
+            seconds,
+            flops,
+        }
+    }
+
+    #[test]
+    fn the_vocab_matmul_is_the_head_and_other_weights_are_projections() {
+        assert_eq!(
+            op_category(&op("linear_forward", Some((1000, 64))), 1000),
+            "LM head (vocab matmul)"
+        );
+        assert_eq!(
+            op_category(&op("linear_backward_input", Some((64, 64))), 1000),
+            "frozen projections"
+        );
+        assert_eq!(
+            op_category(&op("zeros", None), 1000),
+            "buffers (alloc, fill, copy, upload)"
+        );
+    }
+
+    #[test]
+    fn a_profile_is_per_step_and_names_the_time_outside_the_ops() {
+        // Two steps of 1.0 s and 3.0 s: the mean step is 2.0 s.
+        let p = StepProfile::new(
+            vec![
+                (op("linear_forward", Some((8, 4))), totals(4, 1.0, 8e9)),
+                (op("lora_forward", None), totals(2, 0.5, 0.0)),
+                (op("lora_backward", None), totals(2, 1.5, 0.0)),
+            ],
+            &[1.0, 3.0],
+            1000,
+        );
+        assert_eq!(p.step_seconds, 2.0);
+        assert_eq!(p.rows[0].1.op, "lora_backward", "slowest first");
+        assert_eq!(p.rows[0].2, totals(1, 0.75, 0.0));
+        let cats = p.categories();
+        assert_eq!(cats[0], ("LoRA side path", 1.0, 0.0));
+        assert_eq!(cats[1], ("frozen projections", 0.5, 4e9));
+        assert_eq!(cats[2], ("outside the ops (host code)", 0.5, 0.0));
+        let j = p.to_json();
+        assert_eq!(j["categories"][1]["gflops"], 8.0);
+        assert!(p.table(100.0).contains("8.0 GFLOP/s"));
     }
 }

@@ -118,6 +118,10 @@ pub struct TrainBenchArgs {
     /// scripts/bench_torch_train.py, and print the ratio.
     #[arg(long)]
     pub torch: bool,
+    /// Then run the timed steps again with a timer around every compute op, and print where
+    /// a step's time goes (by op and weight shape, with the FLOP rate of each).
+    #[arg(long)]
+    pub profile: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -147,6 +151,7 @@ pub fn run(c: BenchCommand) -> Result<()> {
                 threads: a.threads,
                 peak_seconds: a.peak_seconds,
                 torch: a.torch,
+                profile: a.profile,
                 json: a.json,
             })?
         }

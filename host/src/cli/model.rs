@@ -78,7 +78,8 @@ pub fn parse_preset(s: &str) -> Result<Preset, String> {
 /// Arguments of `fedcdd init-model`.
 #[derive(Args, Debug, Clone)]
 pub struct InitModelArgs {
-    /// Model shape: tiny, small, llama2-7b, llama3-8b, llama3.2-1b, tinyllama-1.1b.
+    /// Model shape: tiny, small, llama2-7b, llama3-8b, llama3.2-1b, tinyllama-1.1b,
+    /// smollm2-135m.
     #[arg(long, value_parser = parse_preset)]
     pub preset: Preset,
     /// Output directory (created; must be empty or absent unless --force).

@@ -11,6 +11,7 @@
 //! | `llama3-8b` | 4096 | 32 | 32 / 8 | 14336 | 128256 | θ 500000, Llama 3.1 rope scaling (8) |
 //! | `llama3.2-1b` | 2048 | 16 | 32 / 8 | 8192 | 128256 | tied embeddings, rope scaling 32 |
 //! | `tinyllama-1.1b` | 2048 | 22 | 32 / 4 | 5632 | 32000 | |
+//! | `smollm2-135m` | 576 | 30 | 9 / 3 | 1536 | 49152 | tied embeddings, θ 100000 |
 //!
 //! Weights follow HF's `_init_weights` for LLaMA: every linear and the embedding
 //! `N(0, 0.02²)`, the embedding row of the pad token zero, RMSNorm weights 1. The values are a
@@ -67,16 +68,18 @@ pub enum Preset {
     Llama3_8b,
     Llama3_2_1b,
     TinyLlama1_1b,
+    SmolLm2_135m,
 }
 
 impl Preset {
-    pub const ALL: [Preset; 6] = [
+    pub const ALL: [Preset; 7] = [
         Preset::Tiny,
         Preset::Small,
         Preset::Llama2_7b,
         Preset::Llama3_8b,
         Preset::Llama3_2_1b,
         Preset::TinyLlama1_1b,
+        Preset::SmolLm2_135m,
     ];
 
     /// The preset called `name` (as [`name`](Self::name) writes it).
@@ -93,6 +96,7 @@ impl Preset {
             Preset::Llama3_8b => "llama3-8b",
             Preset::Llama3_2_1b => "llama3.2-1b",
             Preset::TinyLlama1_1b => "tinyllama-1.1b",
+            Preset::SmolLm2_135m => "smollm2-135m",
         }
     }
 
@@ -198,6 +202,19 @@ impl Preset {
                 1e4,
                 1e-5,
                 false,
+                RopeScaling::None,
+            ),
+            Preset::SmolLm2_135m => (
+                49152,
+                576,
+                1536,
+                30,
+                9,
+                3,
+                8192,
+                1e5,
+                1e-5,
+                true,
                 RopeScaling::None,
             ),
         };
