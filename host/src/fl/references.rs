@@ -39,7 +39,7 @@ pub fn reference_point<B: Backend>(
      -> Result<Vec<Tensor>> {
         let mut lora = live.lora(be, &init, what)?;
         let per = steps_per_round.max(1);
-        let lr = move |s: usize| cfg.lr_at_round(s / per);
+        let lr = move |s: usize| cfg.lr_at(s / per, s % per, per);
         let plan = LocalPlan {
             steps,
             lr: &lr,

@@ -122,6 +122,16 @@ fn run_on<B: Backend>(
         cfg.local_steps,
         run_dir.display()
     ));
+    rep.line(&format!(
+        "client lr {:e} -> {:e} (cosine over rounds){}",
+        cfg.lr,
+        cfg.lr_min,
+        if cfg.warmup_steps > 0 {
+            format!(", warm-up over the first {} local steps", cfg.warmup_steps)
+        } else {
+            String::new()
+        }
+    ));
     let mut server = Server::open(setup, strategy, run_dir, resume, rep)?;
     if let Outcome::Interrupted { rounds_done } = run_rounds(&mut server, rep)? {
         crate::progress::line(&format!(

@@ -89,7 +89,11 @@ pub fn client_round<B: Backend>(
 ) -> Result<ClientReply> {
     let k = client.id;
     let origin = format!("client {k} ({})", client.label);
-    let lr = cfg.lr_at_round(round);
+    let lr_fn = |s: usize| cfg.lr_at(round, s, cfg.local_steps);
+    // The mean rate of the round's steps (SCAFFOLD divides the change by Σ lr = K · mean);
+    // the f64 sum is exact, so a constant rate comes back bit for bit.
+    let steps = cfg.local_steps.max(1);
+    let lr = ((0..steps).map(|s| lr_fn(s) as f64).sum::<f64>() / steps as f64) as f32;
     let job = ClientJob {
         round,
         global,
@@ -100,7 +104,6 @@ pub fn client_round<B: Backend>(
     };
     let mut run = strategy.client_run(&job, state)?;
     let mut lora = live.lora(be, &strategy.client_start(global, state), &origin)?;
-    let lr_fn = |_s: usize| lr;
     let plan = LocalPlan {
         steps: cfg.local_steps,
         lr: &lr_fn,

@@ -49,7 +49,8 @@ pub struct ClientJob<'a> {
     pub global: &'a [Tensor],
     /// What [`Strategy::configure_train`] sent with it.
     pub extras: &'a [Tensor],
-    /// Local optimizer steps, their learning rate and optimizer.
+    /// Local optimizer steps, their mean learning rate (the rate itself unless the run is
+    /// warming up) and optimizer.
     pub steps: usize,
     pub lr: f32,
     pub optimizer: OptimizerKind,
