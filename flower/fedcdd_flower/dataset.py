@@ -44,8 +44,10 @@ class AppConfig:
                 setattr(app, rest.replace("-", "_"), value)
                 continue
             name = "model" if (prefix, rest) == ("model", "name") else rest.replace("-", "_")
-            if name in ("server_lr", "keep_ratio") and float(value) == 0.0:
-                continue  # the algorithm's default
+            if name in ("server_lr", "keep_ratio", "lr", "lr_min") and float(value) == 0.0:
+                continue  # the algorithm's (or the model's) default
+            if name == "warmup_steps" and int(value) < 0:
+                continue  # the model's default
             app.run[name] = value
         if app.upload not in UPLOAD_MODES:
             raise ValueError(f"fedcdd.upload {app.upload!r}: expected one of {UPLOAD_MODES}")

@@ -23,7 +23,8 @@ use super::output::print_stdout;
     Every key of the run's config.toml can be set: algorithm, seed, model (builtin | \
     builtin-small | DIR), benchmark (v2 | v1), data, client_data, eval_data, partition (domain | \
     iid | dirichlet:A), num_clients, sample_clients, rounds, local_steps, batch, micro_batch, \
-    seq, lr, lr_min, optimizer, lora_r, lora_alpha, lora_dropout, lora_targets, fedprox_mu, \
+    seq, lr, lr_min (default 3e-3 -> 3e-4; 2e-4 -> 2e-5 on your own model), warmup_steps \
+    (default 0; local_steps on your own model), optimizer, lora_r, lora_alpha, lora_dropout, lora_targets, fedprox_mu, \
     keep_ratio (default: 0.5 for fedcdd, 1 = dense for the baselines), noise_scale, importance, \
     mask_axis (column | feature), upload_dtype, server_lr, server_beta1, server_beta2, \
     server_tau, fedopt_variant, norm_axis, target, weighting, renormalize, components (both | \
