@@ -1460,6 +1460,14 @@ fn bench_train_profile_counts_every_op() {
     .ok();
     let j: serde_json::Value =
         serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("bench JSON: {e}: {r}"));
+    // the tiny preset's f32 checkpoint: 2·2048·256 embedding + head, 4 layers, norms
+    let layer = 256 * 256 + 2 * 128 * 256 + 256 * 256 + 3 * 256 * 688 + 2 * 256;
+    let params = 2 * 2048 * 256 + 4 * layer + 256;
+    let weights = j["weight_bytes"].as_u64().expect("weight_bytes");
+    assert!(
+        weights > 4 * params as u64 && weights < 4 * params as u64 + 65536,
+        "{weights}"
+    );
     let p = &j["profile"];
     let ops = p["ops"].as_array().expect("profile ops");
     let counted: f64 = ops

@@ -86,6 +86,21 @@ pub fn proc_status_bytes(field: &str) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Bytes of the checkpoint files (`*.safetensors`) in a model directory: the frozen weights
+/// as they are mapped.
+pub fn checkpoint_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 /// Peak resident set size of this process, in bytes.
 pub fn peak_rss_bytes() -> Option<u64> {
     proc_status_bytes("VmHWM")
@@ -182,6 +197,7 @@ pub fn run_train_bench(a: &TrainBenchOptions) -> Result<String> {
     let cfg = &config;
     let lcfg = a.lora.clone();
     let rss = peak_rss_bytes();
+    let weight_bytes = checkpoint_bytes(&dir);
     let (anon, file) = (proc_status_bytes("RssAnon"), proc_status_bytes("RssFile"));
     progress::line(&format!(
         "measuring this machine's f32 matmul peak ({:.1}s)",
@@ -225,6 +241,8 @@ pub fn run_train_bench(a: &TrainBenchOptions) -> Result<String> {
         "matmul_peak_gflops": peak_gflops,
         "fraction_of_peak": gflops / peak_gflops,
         "peak_rss_bytes": rss,
+        "weight_bytes": weight_bytes,
+        "peak_rss_above_weights_bytes": rss.map(|r| r as i64 - weight_bytes as i64),
         "rss_anon_bytes": anon,
         "rss_file_bytes": file,
         "torch_tokens_per_second": torch,
@@ -266,7 +284,13 @@ pub fn run_train_bench(a: &TrainBenchOptions) -> Result<String> {
     )?;
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     if let Some(rss) = rss {
-        writeln!(out, "peak RSS       {:.1} MiB", mib(rss))?;
+        writeln!(
+            out,
+            "peak RSS       {:.1} MiB = weights {:.1} MiB (checkpoint files) + {:.1} MiB",
+            mib(rss),
+            mib(weight_bytes),
+            (rss as f64 - weight_bytes as f64) / (1 << 20) as f64
+        )?;
     }
     if let (Some(anon), Some(file)) = (anon, file) {
         writeln!(

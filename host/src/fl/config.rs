@@ -880,17 +880,21 @@ mod tests {
         );
         let small = RunConfig::load(None, &["model=\"builtin-small\"".into()]).unwrap();
         assert_eq!((small.lr, small.warmup_steps), (3e-3, 0));
-        let own = RunConfig::load(None, &["model=\"models/smollm\"".into()]).unwrap();
+        let own_model = |extra: &[&str]| {
+            let mut sets: Vec<String> = [
+                "model=\"models/smollm\"",
+                "data=\"d.jsonl\"",
+                "eval_data=\"e.jsonl\"",
+            ]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect();
+            RunConfig::load(None, &sets).unwrap()
+        };
+        let own = own_model(&[]);
         assert_eq!((own.lr, own.lr_min, own.warmup_steps), (2e-4, 2e-5, 16));
-        let set = RunConfig::load(
-            None,
-            &[
-                "model=\"models/smollm\"".into(),
-                "lr=1e-4".into(),
-                "local_steps=5".into(),
-            ],
-        )
-        .unwrap();
+        let set = own_model(&["lr=1e-4", "local_steps=5"]);
         assert_eq!((set.lr, set.lr_min, set.warmup_steps), (1e-4, 2e-5, 5));
         let back = RunConfig::from_toml(&set.to_toml().unwrap(), "saved").unwrap();
         assert_eq!(back, set);
