@@ -881,7 +881,7 @@ mod tests {
         let small = RunConfig::load(None, &["model=\"builtin-small\"".into()]).unwrap();
         assert_eq!((small.lr, small.warmup_steps), (3e-3, 0));
         let own_model = |extra: &[&str]| {
-            let mut sets: Vec<String> = [
+            let sets: Vec<String> = [
                 "model=\"models/smollm\"",
                 "data=\"d.jsonl\"",
                 "eval_data=\"e.jsonl\"",
