@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """PyTorch + PEFT side of `fedcdd bench train --torch`: LoRA training steps (forward,
 backward, AdamW, grad clipping at 1.0) in f32, eager mode (no torch.compile), on the same HF
-model directory and shapes; prints one JSON object with tokens_per_second (median step)."""
+model directory and shapes; prints one JSON object with tokens_per_second (median step).
+`--autocast-bf16` runs forward and loss under `torch.autocast("cpu", torch.bfloat16)` (f32
+weights and optimizer, bf16 matmuls: PyTorch's usual CPU mixed precision)."""
 import argparse
 import json
 import sys
@@ -21,6 +23,7 @@ def main():
     ap.add_argument("--targets", default="q,k,v,o,gate,up,down")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--attn", default="sdpa", help="transformers attn_implementation (sdpa or eager)")
+    ap.add_argument("--autocast-bf16", action="store_true", help="bf16 autocast for forward and loss")
     a = ap.parse_args()
     try:
         import torch
@@ -49,8 +52,9 @@ def main():
     for step in range(a.warmup + a.steps):
         ids = torch.randint(0, vocab, (a.batch, a.seq + 1), generator=gen)
         t = time.perf_counter()
-        out = model(input_ids=ids[:, :-1])
-        loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, vocab), ids[:, 1:].reshape(-1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.autocast_bf16):
+            out = model(input_ids=ids[:, :-1])
+            loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, vocab).float(), ids[:, 1:].reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -62,6 +66,7 @@ def main():
     tokens = a.batch * a.seq
     print(json.dumps({
         "torch": torch.__version__, "threads": torch.get_num_threads(), "attn": a.attn,
+        "autocast_bf16": a.autocast_bf16,
         "step_seconds": {"min": times[0], "median": median, "max": times[-1]},
         "tokens_per_second": tokens / median,
     }))

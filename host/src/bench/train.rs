@@ -42,6 +42,8 @@ pub struct TrainBenchOptions {
     pub peak_seconds: f64,
     /// Also time PyTorch + PEFT (scripts/bench_torch_train.py) and print the ratio.
     pub torch: bool,
+    /// Also time PyTorch + PEFT under bf16 autocast and print that ratio.
+    pub torch_bf16: bool,
     /// Then the timed steps again through [`Profiled`]: where a step's time goes.
     pub profile: bool,
     /// JSON instead of a table.
@@ -212,7 +214,12 @@ pub fn run_train_bench(a: &TrainBenchOptions) -> Result<String> {
     let tps_median = tokens / median;
     let gflops = flops / median / 1e9;
     let torch = if a.torch {
-        Some(run_torch(&dir, a)?)
+        Some(run_torch(&dir, a, false)?)
+    } else {
+        None
+    };
+    let torch_bf16 = if a.torch_bf16 {
+        Some(run_torch(&dir, a, true)?)
     } else {
         None
     };
@@ -247,6 +254,8 @@ pub fn run_train_bench(a: &TrainBenchOptions) -> Result<String> {
         "rss_file_bytes": file,
         "torch_tokens_per_second": torch,
         "speedup_vs_torch": torch.map(|t| tps_median / t),
+        "torch_bf16_autocast_tokens_per_second": torch_bf16,
+        "speedup_vs_torch_bf16_autocast": torch_bf16.map(|t| tps_median / t),
         "profile": profile.as_ref().map(StepProfile::to_json),
     });
     if a.json {
@@ -304,6 +313,13 @@ pub fn run_train_bench(a: &TrainBenchOptions) -> Result<String> {
         writeln!(
             out,
             "PyTorch+PEFT   {t:.0} tokens/s (f32 eager, same model and shapes) -> fedcdd is {:.2}x",
+            tps_median / t
+        )?;
+    }
+    if let Some(t) = torch_bf16 {
+        writeln!(
+            out,
+            "PyTorch bf16   {t:.0} tokens/s (PEFT, bf16 autocast, f32 weights) -> fedcdd f32 is {:.2}x",
             tps_median / t
         )?;
     }
@@ -469,8 +485,9 @@ impl StepProfile {
     }
 }
 
-/// Runs scripts/bench_torch_train.py and returns its tokens/s.
-fn run_torch(dir: &Path, a: &TrainBenchOptions) -> Result<f64> {
+/// Runs scripts/bench_torch_train.py (under bf16 autocast with `autocast`) and returns its
+/// tokens/s.
+fn run_torch(dir: &Path, a: &TrainBenchOptions, autocast: bool) -> Result<f64> {
     let targets: Vec<&str> = a.lora.targets.iter().map(|p| p.module_name()).collect();
     let targets = targets.join(",");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench_torch_train.py");
@@ -480,9 +497,14 @@ fn run_torch(dir: &Path, a: &TrainBenchOptions) -> Result<f64> {
             script.display()
         );
     }
-    progress::line(&format!("timing PyTorch + PEFT with {}", script.display()));
+    progress::line(&format!(
+        "timing PyTorch + PEFT{} with {}",
+        if autocast { " (bf16 autocast)" } else { "" },
+        script.display()
+    ));
     let out = Command::new("python3")
         .arg(&script)
+        .args(autocast.then_some("--autocast-bf16"))
         .args(["--model", &dir.display().to_string()])
         .args(["--batch", &a.batch.to_string(), "--seq", &a.seq.to_string()])
         .args([

@@ -118,6 +118,10 @@ pub struct TrainBenchArgs {
     /// scripts/bench_torch_train.py, and print the ratio.
     #[arg(long)]
     pub torch: bool,
+    /// Also time PyTorch + PEFT under bf16 autocast (f32 weights, bf16 matmuls), and print
+    /// that ratio.
+    #[arg(long)]
+    pub torch_bf16: bool,
     /// Then run the timed steps again with a timer around every compute op, and print where
     /// a step's time goes (by op and weight shape, with the FLOP rate of each).
     #[arg(long)]
@@ -151,6 +155,7 @@ pub fn run(c: BenchCommand) -> Result<()> {
                 threads: a.threads,
                 peak_seconds: a.peak_seconds,
                 torch: a.torch,
+                torch_bf16: a.torch_bf16,
                 profile: a.profile,
                 json: a.json,
             })?
