@@ -363,6 +363,12 @@ pub fn op_category(key: &OpKey, vocab: usize) -> &'static str {
     }
 }
 
+/// GFLOP/s of `flops` done in `seconds`, for the ops that count FLOPs (memory-bound ones
+/// have none).
+fn gflop_rate(seconds: f64, flops: f64) -> Option<f64> {
+    (seconds > 0.0 && flops > 0.0).then(|| flops / seconds / 1e9)
+}
+
 impl StepProfile {
     /// Totals over `step_secs.len()` steps, turned into per-step figures.
     pub fn new(totals: Vec<(OpKey, OpTotals)>, step_secs: &[f64], vocab: usize) -> Self {
@@ -411,13 +417,7 @@ impl StepProfile {
     }
 
     pub fn to_json(&self) -> serde_json::Value {
-        let rate = |s: f64, f: f64| {
-            if s > 0.0 && f > 0.0 {
-                Some(f / s / 1e9)
-            } else {
-                None
-            }
-        };
+        let rate = gflop_rate;
         serde_json::json!({
             "steps": self.steps,
             "step_seconds_mean": self.step_seconds,
@@ -438,12 +438,9 @@ impl StepProfile {
         let mut out = String::new();
         let step = self.step_seconds.max(1e-12);
         let rate = |s: f64, f: f64| {
-            if s > 0.0 && f > 0.0 {
-                let g = f / s / 1e9;
+            gflop_rate(s, f).map_or(String::new(), |g| {
                 format!("{g:7.1} GFLOP/s {:3.0}%", 100.0 * g / peak_gflops)
-            } else {
-                String::new()
-            }
+            })
         };
         let _ = writeln!(
             out,
