@@ -32,10 +32,11 @@
 //! - **ISA** ([`Simd`]): chosen at run time: AVX-512F, else AVX2+FMA (x86-64), else a
 //!   portable kernel (plain Rust the compiler vectorises for the target's baseline).
 //! - **No bf16 arithmetic.** All math is f32. On the machine this was tuned on, AVX-512 BF16
-//!   (`vdpbf16ps`) does half the flops per second of f32 FMAs (113 vs 228 GFLOP/s on one
-//!   core), so a bf16 dot-product path would be slower and less exact; AMX-BF16 tiles
-//!   (`tdpbf16ps`, about 1.9 TFLOP/s on one core in a register-only loop) would be the way
-//!   to a faster, opt-in bf16 mode.
+//!   (`vdpbf16ps`) in this kernel's 14 × 32 register blocking does half the flops per second
+//!   of f32 FMAs (`--example bf16_probe`: 89 vs 186 GFLOP/s on one core, 178 vs 347 on two),
+//!   so a bf16 dot-product path would be slower and less exact. AMX-BF16 tiles (`tdpbf16ps`)
+//!   would be the way to a faster, opt-in bf16 mode; that VM's CPU does not expose AMX (the
+//!   probe reads CPUID), so such a path could not be built and checked there.
 
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
