@@ -2,10 +2,11 @@
 //! machine's peak, for 1 and 2 threads (or `--threads 1,4,...`).
 //!
 //! ```text
-//! cargo run --release -p fedcdd-kernels --example gemm_bench [-- --large] [--dtype bf16]
+//! cargo run --release -p fedcdd-kernels --example gemm_bench [-- --small] [--large] [--dtype bf16]
 //!     [--threads 1,2] [--seconds 0.3] [--filter lm_head] [--simd avx2] [--cpu-time]
 //! ```
 //! `--simd avx2|portable` runs another instruction set's kernels than this CPU's best.
+//! `--small` adds SmolLM2-135M shapes (hidden 576, intermediate 1536, vocab 49152, m = 256).
 //! `--large` adds TinyLlama-1.1B shapes (hidden 2048, intermediate 5632, vocab 32000, m=512)
 //! and decoding (m = 1 and 8). Each row runs the op repeatedly for about `--seconds` and
 //! prints the best and the median rate of those runs. `--cpu-time` times one-thread runs by
@@ -20,6 +21,7 @@ use fedcdd_kernels::{Backend, Cpu, LoraDims, WeightDType, WeightSource};
 struct Opts {
     threads: Vec<usize>,
     large: bool,
+    small: bool,
     dtype: WeightDType,
     seconds: f64,
     filter: Option<String>,
@@ -31,6 +33,7 @@ fn parse() -> Result<Opts, String> {
     let mut o = Opts {
         threads: vec![1, 2],
         large: false,
+        small: false,
         dtype: WeightDType::F32,
         seconds: 0.3,
         filter: None,
@@ -42,6 +45,7 @@ fn parse() -> Result<Opts, String> {
         let mut val = || args.next().ok_or(format!("{a} needs a value"));
         match a.as_str() {
             "--large" => o.large = true,
+            "--small" => o.small = true,
             "--threads" => {
                 o.threads = val()?
                     .split(',')
@@ -178,6 +182,16 @@ fn main() {
         ("tiny down", 2048, 256, 688),
         ("tiny lm_head", 2048, 2048, 256),
     ];
+    if o.small {
+        // SmolLM2-135M (`smollm2-135m` preset) at batch 2 × seq 128.
+        shapes.extend([
+            ("135M q/o", 256, 576, 576),
+            ("135M k/v", 256, 192, 576),
+            ("135M gate/up", 256, 1536, 576),
+            ("135M down", 256, 576, 1536),
+            ("135M lm_head", 256, 49152, 576),
+        ]);
+    }
     if o.large {
         shapes.extend([
             ("1.1B q/o", 512, 2048, 2048),

@@ -328,6 +328,9 @@ fn results_do_not_depend_on_thread_count() {
         (40, 900, 64),
         (2048, 96, 40),
         (3, 700, 300),
+        // the 135M k/v projection at batch 2 x seq 128: six panels, one column chunk per
+        // thread on 2 and 3 threads, row blocks on 1 and 8
+        (256, 192, 576),
     ] {
         let w = weight(&mut rng, n, k, WeightDType::Bf16);
         let x = rng.vec(m * k);
