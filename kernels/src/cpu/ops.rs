@@ -23,7 +23,7 @@ use crate::{AdamW, AttnShape, LossSum, RopeShape, Sgd, dropout_keep};
 use simd::{LANES, Mode, multiversion};
 
 /// Elements per parallel task of the elementwise ops (64 KiB of f32).
-const CHUNK: usize = 1 << 14;
+pub(crate) const CHUNK: usize = 1 << 14;
 
 /// Rows per parallel task when each row holds `dim` floats (about one [`CHUNK`]).
 fn rows_per_task(dim: usize) -> usize {
