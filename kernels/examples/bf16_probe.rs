@@ -13,6 +13,9 @@
 //! cargo run --release -p fedcdd-kernels --example bf16_probe [-- --threads 1,2] [--seconds 1]
 //! ```
 
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+mod common;
+
 fn main() {
     let mut threads = vec![1usize, 2];
     let mut seconds = 1.0f64;
@@ -75,17 +78,11 @@ mod probe {
         bmat: Vec<f32>, // [KC][N], the bf16-rounded B as plain f32 (for the check)
     }
 
+    /// bf16-exact values, so both kernels multiply the same numbers.
     fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                // bf16-exact values, so both kernels multiply the same numbers
-                bf16::from_f32((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5).to_f32()
-            })
-            .collect()
+        let mut v = crate::common::fill(n, seed);
+        v.iter_mut().for_each(|x| *x = bf16::from_f32(*x).to_f32());
+        v
     }
 
     fn data(seed: u64) -> Data {

@@ -12,9 +12,12 @@
 //! prints the best and the median rate of those runs. `--cpu-time` times one-thread runs by
 //! the worker thread's CPU time instead of wall time (for a machine others use too; runs
 //! with more threads stay on wall time).
+mod common;
+
 use std::sync::Arc;
 use std::time::Instant;
 
+use common::fill;
 use fedcdd_kernels::cpu::matmul::{self as mm, Simd, measure_fma_peak, measure_matmul_peak};
 use fedcdd_kernels::{Backend, Cpu, LoraDims, WeightDType, WeightSource};
 
@@ -79,19 +82,6 @@ fn parse() -> Result<Opts, String> {
         }
     }
     Ok(o)
-}
-
-/// Deterministic values in [-0.5, 0.5).
-fn fill(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect()
 }
 
 fn weight(n: usize, k: usize, dtype: WeightDType) -> WeightSource {
