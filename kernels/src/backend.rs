@@ -230,6 +230,15 @@ pub trait Backend: Send + Sync {
     /// Human-readable description ("cpu (2 threads)", "cuda:0 H200").
     fn name(&self) -> String;
 
+    /// Runs `f`, a run of this backend's ops (a training step's forward and backward), where
+    /// calling them costs least. The CPU backend runs it on one of its own worker threads, so
+    /// each op starts its parallel work from inside the pool instead of handing it over from
+    /// an outside thread and sleeping until it is done (≈ 4 % of a 135M training step). The
+    /// results are the same bits either way. Default: runs `f` on the calling thread.
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        f()
+    }
+
     // ---- memory ----------------------------------------------------------------------
     fn zeros(&self, len: usize) -> Self::Buf;
     fn upload(&self, values: &[f32]) -> Self::Buf;

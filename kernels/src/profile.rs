@@ -121,6 +121,10 @@ impl<B: Backend> Backend for Profiled<B> {
         format!("{} (profiled)", self.inner.name())
     }
 
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.inner.run(f)
+    }
+
     fn zeros(&self, len: usize) -> Self::Buf {
         self.timed(key("zeros", String::new()), 0.0, |b| b.zeros(len))
     }

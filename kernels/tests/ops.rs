@@ -177,6 +177,35 @@ fn axpy_scale_sum_squares_match_the_reference() {
     assert_eq!(s1.to_bits(), s2.to_bits());
 }
 
+/// `Backend::run` puts the CPU backend's work on its own pool (so ops skip the hand-off from
+/// an outside thread), and ops give the same bits there as when called from outside.
+#[test]
+fn cpu_run_executes_on_the_backends_pool() {
+    let cpu = Cpu::new(2).expect("2 threads");
+    assert_eq!(
+        rayon::current_thread_index(),
+        None,
+        "the test thread is no worker"
+    );
+    assert!(cpu.run(rayon::current_thread_index).is_some());
+    let mut rng = Rng(5);
+    for n in [1000, 16_384, 16_385, 100_003] {
+        let (x, y) = (rng.vec(n, 2.0), rng.vec(n, 2.0));
+        let outside = {
+            let mut y = y.clone();
+            cpu.axpy(&mut y, 0.3, &x);
+            (y, cpu.sum_squares(&x))
+        };
+        let inside = cpu.run(|| {
+            let mut y = y.clone();
+            cpu.axpy(&mut y, 0.3, &x);
+            (y, cpu.sum_squares(&x))
+        });
+        assert_bits(&inside.0, &outside.0, &format!("axpy n={n}"));
+        assert_eq!(inside.1.to_bits(), outside.1.to_bits(), "sum_squares n={n}");
+    }
+}
+
 #[test]
 fn dropout_matches_the_reference_and_the_shared_mask() {
     let mut rng = Rng(2);

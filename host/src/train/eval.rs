@@ -96,16 +96,19 @@ pub fn evaluate<B: Backend>(
             ));
         }
         let w = ws.as_mut().context("workspace")?;
-        let l = llama::forward(
-            be,
-            model,
-            lora,
-            w,
-            &b.ids,
-            &b.targets,
-            Mode { dropout_seed: None },
-            None,
-        )?;
+        // On the CPU, inside its thread pool (`Backend::run`).
+        let l = be.run(|| {
+            llama::forward(
+                be,
+                model,
+                lora,
+                w,
+                &b.ids,
+                &b.targets,
+                Mode { dropout_seed: None },
+                None,
+            )
+        })?;
         row_loss.resize(b.ids.len(), 0.0);
         be.download(w.row_loss(), &mut row_loss);
         for (r, &ex) in b.example_index.iter().enumerate() {

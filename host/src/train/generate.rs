@@ -44,7 +44,8 @@ pub fn generate<B: Backend>(
     }
     let mut cache = KvCache::new(be, &model.config, capacity);
     let ids: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
-    let mut logits = llama::forward_cached(be, model, lora, &mut cache, &ids)?;
+    // Each forward runs where the backend's ops are cheapest to call (`Backend::run`).
+    let mut logits = be.run(|| llama::forward_cached(be, model, lora, &mut cache, &ids))?;
     let mut rng = Rng::new(sampling.seed);
     let mut out = Vec::new();
     while out.len() < max_tokens {
@@ -55,7 +56,7 @@ pub fn generate<B: Backend>(
         if stop.contains(&next) || cache.len >= capacity {
             break;
         }
-        logits = llama::forward_cached(be, model, lora, &mut cache, &[next as i32])?;
+        logits = be.run(|| llama::forward_cached(be, model, lora, &mut cache, &[next as i32]))?;
     }
     Ok(out)
 }
@@ -152,7 +153,7 @@ pub fn generate_greedy_batch<B: Backend>(
     let vocab = model.config.vocab_size;
     let mut cache = KvCache::batched(be, &model.config, b, capacity);
     let ids: Vec<i32> = prompts.iter().flatten().map(|&x| x as i32).collect();
-    let mut logits = llama::forward_cached_batch(be, model, lora, &mut cache, &ids)?;
+    let mut logits = be.run(|| llama::forward_cached_batch(be, model, lora, &mut cache, &ids))?;
     let mut out: Vec<Vec<u32>> = vec![Vec::new(); b];
     let mut done: Vec<bool> = budgets.iter().map(|&n| n == 0).collect();
     loop {
@@ -169,7 +170,7 @@ pub fn generate_greedy_batch<B: Backend>(
         if done.iter().all(|&d| d) || cache.len >= capacity {
             break;
         }
-        logits = llama::forward_cached_batch(be, model, lora, &mut cache, &next)?;
+        logits = be.run(|| llama::forward_cached_batch(be, model, lora, &mut cache, &next))?;
     }
     Ok(out)
 }

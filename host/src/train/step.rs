@@ -135,17 +135,21 @@ pub fn train_step<B: Backend>(
     }
     lora.zero_grads(be);
     let scale = 1.0 / total_targets as f32;
-    let mut loss_sum = 0.0;
-    let mut tokens = 0;
-    for (i, b) in micro.iter().enumerate() {
-        let mode = Mode {
-            dropout_seed: Some(step_seed ^ (i as u64).wrapping_mul(0x9E37_79B9)),
-        };
-        let l = llama::forward(be, model, lora, ws, &b.ids, &b.targets, mode, Some(scale))?;
-        loss_sum += l.sum;
-        tokens += b.ids.len();
-        llama::backward(be, model, lora, ws, mode);
-    }
+    // Forward and backward run where the backend's ops are cheapest to call (on the CPU:
+    // inside its thread pool); the gradient hook stays on this thread.
+    let (loss_sum, tokens) = be.run(|| -> Result<(f64, usize)> {
+        let (mut loss_sum, mut tokens) = (0.0, 0);
+        for (i, b) in micro.iter().enumerate() {
+            let mode = Mode {
+                dropout_seed: Some(step_seed ^ (i as u64).wrapping_mul(0x9E37_79B9)),
+            };
+            let l = llama::forward(be, model, lora, ws, &b.ids, &b.targets, mode, Some(scale))?;
+            loss_sum += l.sum;
+            tokens += b.ids.len();
+            llama::backward(be, model, lora, ws, mode);
+        }
+        Ok((loss_sum, tokens))
+    })?;
     grad_hook(be, lora)?;
     // Frozen parameters get no gradient, so they count for nothing in the clipping norm.
     for (i, (_, g)) in lora.params_mut().into_iter().enumerate() {

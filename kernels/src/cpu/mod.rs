@@ -101,6 +101,10 @@ impl Backend for Cpu {
         }
     }
 
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+
     fn zeros(&self, len: usize) -> Vec<f32> {
         vec![0.0; len]
     }
