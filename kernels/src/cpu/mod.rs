@@ -102,7 +102,7 @@ impl Backend for Cpu {
     }
 
     fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        self.pool.install(f)
+        self.install(f)
     }
 
     fn zeros(&self, len: usize) -> Vec<f32> {
