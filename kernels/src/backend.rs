@@ -121,6 +121,14 @@ pub struct LoraDims {
     pub scale: f32,
 }
 
+/// LoRA dropout on a projection's input: `drop(x)` keeps element `i` of `x` (scaled by
+/// `1/(1-p)`) iff [`dropout_keep`]`(seed, i, p)`, the mask of [`Backend::dropout_forward`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LoraDropout {
+    pub p: f32,
+    pub seed: u64,
+}
+
 /// Rotary embedding over `x: [batch, seq, heads, head_dim]`; token `t` of every sequence sits
 /// at absolute position `pos0 + t` (a row of the [`RopeTable`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -308,6 +316,47 @@ pub trait Backend: Send + Sync {
         du: &mut Self::Buf,
         dx: Option<&mut Self::Buf>,
     );
+    /// [`lora_forward`](Self::lora_forward) on `drop(x)`. `scratch` (as long as `x`) is the
+    /// backend's to hold `drop(x)`; backends that apply the mask inside their LoRA kernels
+    /// leave it alone.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_forward_dropout(
+        &self,
+        x: &Self::Buf,
+        drop: LoraDropout,
+        scratch: &mut Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        d: LoraDims,
+        u: &mut Self::Buf,
+        y: &mut Self::Buf,
+    ) {
+        lora_forward_dropout_unfused(self, x, drop, scratch, a, b, d, u, y)
+    }
+    /// [`lora_backward`](Self::lora_backward) on `drop(x)`, the gradient reaching `dx`
+    /// through the same mask: `dx += mask ⊙ (du·A) / (1-p)`. `scratch_x`, `scratch_dx` (as
+    /// long as `x`): as in [`lora_forward_dropout`](Self::lora_forward_dropout).
+    #[allow(clippy::too_many_arguments)]
+    fn lora_backward_dropout(
+        &self,
+        x: &Self::Buf,
+        drop: LoraDropout,
+        scratch_x: &mut Self::Buf,
+        scratch_dx: &mut Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        u: &Self::Buf,
+        dy: &Self::Buf,
+        d: LoraDims,
+        da: &mut Self::Buf,
+        db: &mut Self::Buf,
+        du: &mut Self::Buf,
+        dx: &mut Self::Buf,
+    ) {
+        lora_backward_dropout_unfused(
+            self, x, drop, scratch_x, scratch_dx, a, b, u, dy, d, da, db, du, dx,
+        )
+    }
     /// Inverted dropout with a counter-based mask (see [`dropout_keep`]): element `i` is
     /// kept (and scaled by `1/(1-p)`) iff `dropout_keep(seed, i, p)`.
     fn dropout_forward(&self, x: &Self::Buf, out: &mut Self::Buf, p: f32, seed: u64);
@@ -450,18 +499,74 @@ pub fn clip_grad_norm<B: Backend>(backend: &B, grads: &mut [&mut B::Buf], max_no
     norm
 }
 
+/// [`Backend::lora_forward_dropout`] as separate ops: `drop(x)` into `scratch`, then LoRA.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_forward_dropout_unfused<B: Backend + ?Sized>(
+    be: &B,
+    x: &B::Buf,
+    drop: LoraDropout,
+    scratch: &mut B::Buf,
+    a: &B::Buf,
+    b: &B::Buf,
+    d: LoraDims,
+    u: &mut B::Buf,
+    y: &mut B::Buf,
+) {
+    be.dropout_forward(x, scratch, drop.p, drop.seed);
+    be.lora_forward(scratch, a, b, d, u, y);
+}
+
+/// [`Backend::lora_backward_dropout`] as separate ops: `drop(x)` recomputed into
+/// `scratch_x`, LoRA's input gradient into the zeroed `scratch_dx`, then through the mask.
+#[allow(clippy::too_many_arguments)]
+pub fn lora_backward_dropout_unfused<B: Backend + ?Sized>(
+    be: &B,
+    x: &B::Buf,
+    drop: LoraDropout,
+    scratch_x: &mut B::Buf,
+    scratch_dx: &mut B::Buf,
+    a: &B::Buf,
+    b: &B::Buf,
+    u: &B::Buf,
+    dy: &B::Buf,
+    d: LoraDims,
+    da: &mut B::Buf,
+    db: &mut B::Buf,
+    du: &mut B::Buf,
+    dx: &mut B::Buf,
+) {
+    be.dropout_forward(x, scratch_x, drop.p, drop.seed);
+    be.fill(scratch_dx, 0.0);
+    be.lora_backward(scratch_x, a, b, u, dy, d, da, db, du, Some(scratch_dx));
+    be.dropout_backward(scratch_dx, dx, drop.p, drop.seed);
+}
+
 /// The dropout mask shared by every backend: a 32-bit counter hash of `(seed, i)` (the
 /// murmur3 finaliser of `i·φ ⊕ seed`) whose top 24 bits, read as a fraction in `[0, 1)`,
 /// decide: the element is kept iff that value is `≥ p`. 32-bit lanes keep it cheap in SIMD
 /// (16 lanes, no 64-bit multiplies); `i` wraps at 2³², far beyond any one buffer.
 #[inline(always)]
 pub fn dropout_keep(seed: u64, i: u64, p: f32) -> bool {
-    let s = (seed ^ (seed >> 32)) as u32;
-    let mut z = (i as u32).wrapping_mul(0x9E37_79B9) ^ s;
+    dropout_keep32(dropout_seed32(seed), i as u32, p)
+}
+
+/// The 32 bits of a dropout seed the mask uses.
+#[inline(always)]
+pub(crate) fn dropout_seed32(seed: u64) -> u32 {
+    (seed ^ (seed >> 32)) as u32
+}
+
+/// The multipliers of [`dropout_keep`]'s hash (SIMD versions of it use them too).
+pub(crate) const DROPOUT_MUL: [u32; 3] = [0x9E37_79B9, 0x85EB_CA6B, 0xC2B2_AE35];
+
+/// [`dropout_keep`] on the folded seed and the counter's low 32 bits.
+#[inline(always)]
+pub(crate) fn dropout_keep32(s: u32, i: u32, p: f32) -> bool {
+    let mut z = i.wrapping_mul(DROPOUT_MUL[0]) ^ s;
     z ^= z >> 16;
-    z = z.wrapping_mul(0x85EB_CA6B);
+    z = z.wrapping_mul(DROPOUT_MUL[1]);
     z ^= z >> 13;
-    z = z.wrapping_mul(0xC2B2_AE35);
+    z = z.wrapping_mul(DROPOUT_MUL[2]);
     z ^= z >> 16;
     (z >> 8) as f32 * (1.0 / 16_777_216.0) >= p
 }

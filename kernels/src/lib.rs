@@ -20,8 +20,9 @@ pub mod profile;
 pub mod rope;
 
 pub use backend::{
-    AdamW, AttnShape, Backend, Copy2d, Gemm, KernelError, LoraDims, LossSum, RopeShape, Sgd,
-    SharedBytes, WeightDType, WeightSource, clip_grad_norm, dropout_keep,
+    AdamW, AttnShape, Backend, Copy2d, Gemm, KernelError, LoraDims, LoraDropout, LossSum,
+    RopeShape, Sgd, SharedBytes, WeightDType, WeightSource, clip_grad_norm, dropout_keep,
+    lora_backward_dropout_unfused, lora_forward_dropout_unfused,
 };
 pub use cpu::{Cpu, CpuWeight};
 pub use profile::{OpKey, OpTotals, Profiled};

@@ -11,8 +11,8 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::backend::{
-    AdamW, AttnShape, Backend, Copy2d, Gemm, KernelError, LoraDims, LossSum, RopeShape, Sgd,
-    WeightSource,
+    AdamW, AttnShape, Backend, Copy2d, Gemm, KernelError, LoraDims, LoraDropout, LossSum,
+    RopeShape, Sgd, WeightSource,
 };
 
 /// Which op, at which shape: the unit the profile totals over.
@@ -240,6 +240,45 @@ impl<B: Backend> Backend for Profiled<B> {
         let flops = 2.0 * (d.m * d.r * (2 * d.n + d.k + with_dx)) as f64;
         self.timed(key("lora_backward", lora_shape(d)), flops, |b| {
             b.lora_backward(x, a, bm, u, dy, d, da, db, du, dx)
+        })
+    }
+    fn lora_forward_dropout(
+        &self,
+        x: &Self::Buf,
+        drop: LoraDropout,
+        scratch: &mut Self::Buf,
+        a: &Self::Buf,
+        bm: &Self::Buf,
+        d: LoraDims,
+        u: &mut Self::Buf,
+        y: &mut Self::Buf,
+    ) {
+        let flops = 2.0 * (d.m * d.r * (d.k + d.n)) as f64;
+        self.timed(key("lora_forward_dropout", lora_shape(d)), flops, |b| {
+            b.lora_forward_dropout(x, drop, scratch, a, bm, d, u, y)
+        })
+    }
+    fn lora_backward_dropout(
+        &self,
+        x: &Self::Buf,
+        drop: LoraDropout,
+        scratch_x: &mut Self::Buf,
+        scratch_dx: &mut Self::Buf,
+        a: &Self::Buf,
+        bm: &Self::Buf,
+        u: &Self::Buf,
+        dy: &Self::Buf,
+        d: LoraDims,
+        da: &mut Self::Buf,
+        db: &mut Self::Buf,
+        du: &mut Self::Buf,
+        dx: &mut Self::Buf,
+    ) {
+        let flops = 2.0 * (d.m * d.r * (2 * d.n + 2 * d.k)) as f64;
+        self.timed(key("lora_backward_dropout", lora_shape(d)), flops, |b| {
+            b.lora_backward_dropout(
+                x, drop, scratch_x, scratch_dx, a, bm, u, dy, d, da, db, du, dx,
+            )
         })
     }
     fn dropout_forward(&self, x: &Self::Buf, out: &mut Self::Buf, p: f32, seed: u64) {

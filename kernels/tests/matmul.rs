@@ -5,8 +5,10 @@
 use std::sync::Arc;
 
 use fedcdd_kernels::cpu::matmul::Simd;
-use fedcdd_kernels::cpu::{matmul, reference_matmul};
-use fedcdd_kernels::{Backend, Cpu, CpuWeight, Gemm, LoraDims, WeightDType, WeightSource};
+use fedcdd_kernels::cpu::{matmul, ops, reference_matmul};
+use fedcdd_kernels::{
+    Backend, Cpu, CpuWeight, Gemm, LoraDims, LoraDropout, WeightDType, WeightSource,
+};
 
 /// xorshift64* : deterministic values without a dependency.
 struct Rng(u64);
@@ -510,6 +512,84 @@ fn lora_backward_matches_reference() {
                 } else {
                     assert!(dx == dx0, "{}: dx changed although not given", what(""));
                 }
+            }
+        }
+    }
+}
+
+fn assert_same_bits(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            g.to_bits() == w.to_bits(),
+            "{what}: element {i}: {g} in the kernels vs {w} separately"
+        );
+    }
+}
+
+/// LoRA dropout applied inside the kernels gives the same bits as `dropout_forward` into a
+/// buffer, the plain LoRA ops on it and `dropout_backward` of their input gradient: every
+/// instruction set, 1 and 2 threads, ranks of one and of several groups of 8, odd sizes,
+/// three rates.
+#[test]
+fn lora_dropout_in_the_kernels_matches_separate_dropout_bit_for_bit() {
+    let mut rng = Rng::new(9);
+    let engines = engines();
+    for &(m, k, n, r) in &LORA_SHAPES {
+        for (p, seed) in [(0.05f32, 11u64), (0.5, 0xDEAD_BEEF_0123_4567), (0.0, 5)] {
+            let drop = LoraDropout { p, seed };
+            let d = lora_dims(m, k, n, r, 1.3);
+            let (x, a, b, dy, y0) = (
+                rng.vec(m * k),
+                rng.vec(r * k),
+                rng.vec(n * r),
+                rng.vec(m * n),
+                rng.vec(m * n),
+            );
+            let (da0, db0, dx0) = (rng.vec(r * k), rng.vec(n * r), rng.vec(m * k));
+            let mut xd = vec![0.0; m * k];
+            ops::dropout_forward(&x, &mut xd, p, seed);
+            for (cpu, simd) in &engines {
+                let what = |t: &str| format!("{t} {d:?} p={p} {}", label(cpu, *simd));
+                let simd = *simd;
+                let (mut u1, mut y1) = (vec![f32::NAN; m * r], y0.clone());
+                cpu.install(|| matmul::lora_forward_with(simd, &xd, &a, &b, d, &mut u1, &mut y1));
+                let (mut u2, mut y2) = (vec![f32::NAN; m * r], y0.clone());
+                cpu.install(|| {
+                    matmul::lora_forward_dropout_with(simd, &x, drop, &a, &b, d, &mut u2, &mut y2)
+                });
+                assert_same_bits(&what("u"), &u2, &u1);
+                assert_same_bits(&what("y"), &y2, &y1);
+
+                let (mut da1, mut db1, mut du1) = (da0.clone(), db0.clone(), vec![0.0; m * r]);
+                let (mut ddx, mut dx1) = (vec![0.0; m * k], dx0.clone());
+                cpu.install(|| {
+                    matmul::lora_backward_with(
+                        simd,
+                        &xd,
+                        &a,
+                        &b,
+                        &u1,
+                        &dy,
+                        d,
+                        &mut da1,
+                        &mut db1,
+                        &mut du1,
+                        Some(&mut ddx),
+                    )
+                });
+                ops::dropout_backward(&ddx, &mut dx1, p, seed);
+                let (mut da2, mut db2, mut du2) = (da0.clone(), db0.clone(), vec![0.0; m * r]);
+                let mut dx2 = dx0.clone();
+                cpu.install(|| {
+                    matmul::lora_backward_dropout_with(
+                        simd, &x, drop, &a, &b, &u1, &dy, d, &mut da2, &mut db2, &mut du2, &mut dx2,
+                    )
+                });
+                assert_same_bits(&what("dA"), &da2, &da1);
+                assert_same_bits(&what("dB"), &db2, &db1);
+                assert_same_bits(&what("du"), &du2, &du1);
+                assert_same_bits(&what("dx"), &dx2, &dx1);
             }
         }
     }

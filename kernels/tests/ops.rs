@@ -5,8 +5,8 @@
 
 use fedcdd_kernels::cpu::reference_ops as reference;
 use fedcdd_kernels::{
-    AdamW, AttnShape, Backend, Cpu, CpuWeight, RopeScaling, RopeShape, RopeTable, Sgd, WeightDType,
-    WeightSource, dropout_keep,
+    AdamW, AttnShape, Backend, Cpu, CpuWeight, LoraDims, LoraDropout, Profiled, RopeScaling,
+    RopeShape, RopeTable, Sgd, WeightDType, WeightSource, dropout_keep,
 };
 use half::{bf16, f16};
 
@@ -269,6 +269,87 @@ fn dropout_matches_the_reference_and_the_shared_mask() {
     let mut other = vec![0.0; n];
     b.dropout_forward(&x, &mut other, 0.25, 8);
     assert_ne!(out, other);
+}
+
+/// Outputs of `lora_forward_dropout` then `lora_backward_dropout` on one backend:
+/// u, y, dA, dB, du, dx and the two scratch buffers afterwards.
+fn lora_dropout_pass<B: Backend<Buf = Vec<f32>>>(
+    b: &B,
+    d: LoraDims,
+    drop: LoraDropout,
+    inputs: &[Vec<f32>; 8],
+) -> [Vec<f32>; 8] {
+    let [x, a, bm, dy, y0, da0, db0, dx0] = inputs;
+    let (mut sx, mut sdx) = (vec![7.0f32; x.len()], vec![7.0f32; x.len()]);
+    let (mut u, mut y) = (vec![f32::NAN; d.m * d.r], y0.clone());
+    b.lora_forward_dropout(x, drop, &mut sx, a, bm, d, &mut u, &mut y);
+    let (mut da, mut db, mut du, mut dx) =
+        (da0.clone(), db0.clone(), vec![0.0; d.m * d.r], dx0.clone());
+    b.lora_backward_dropout(
+        x, drop, &mut sx, &mut sdx, a, bm, &u, dy, d, &mut da, &mut db, &mut du, &mut dx,
+    );
+    [u, y, da, db, du, dx, sx, sdx]
+}
+
+/// LoRA with dropout through the `Backend` trait: the fast CPU backend (which applies the
+/// mask inside its LoRA kernels) and the profiling wrapper around it against the reference
+/// backend (separate dropout, LoRA and dropout-gradient ops).
+#[test]
+fn lora_dropout_matches_the_reference_through_the_backend() {
+    let mut rng = Rng(31);
+    for (m, k, n, r) in [(200, 77, 131, 8), (65, 40, 23, 12), (7, 16, 32, 4)] {
+        let d = LoraDims {
+            m,
+            k,
+            n,
+            r,
+            scale: 0.7,
+        };
+        let drop = LoraDropout {
+            p: 0.3,
+            seed: rng.next_u64(),
+        };
+        let inputs = [
+            rng.vec(m * k, 1.0),
+            rng.vec(r * k, 1.0),
+            rng.vec(n * r, 1.0),
+            rng.vec(m * n, 1.0),
+            rng.vec(m * n, 1.0),
+            rng.vec(r * k, 1.0),
+            rng.vec(n * r, 1.0),
+            rng.vec(m * k, 1.0),
+        ];
+        let want = lora_dropout_pass(&Cpu::reference(), d, drop, &inputs);
+        let names = ["u", "y", "dA", "dB", "du", "dx"];
+        let check = |got: &[Vec<f32>; 8], who: &str| {
+            for (i, name) in names.iter().enumerate() {
+                let what = format!("{name} {d:?} {who}");
+                assert_close(&got[i], &want[i], 1e-5, 1.0, &what);
+            }
+            // The fused kernels leave the scratch buffers alone.
+            assert!(
+                got[6].iter().chain(&got[7]).all(|&v| v == 7.0),
+                "{who}: scratch written"
+            );
+        };
+        // The mask changed the result: without dropout, y differs.
+        let (mut u0, mut y_plain) = (vec![0.0; m * r], inputs[4].clone());
+        Cpu::reference().lora_forward(&inputs[0], &inputs[1], &inputs[2], d, &mut u0, &mut y_plain);
+        assert!(y_plain != want[1], "{d:?}: dropout did not change y");
+        for b in fast_backends() {
+            check(&lora_dropout_pass(&b, d, drop, &inputs), &b.name());
+            let prof = Profiled::new(b);
+            let got = lora_dropout_pass(&prof, d, drop, &inputs);
+            check(&got, &format!("profiled {}", prof.inner().name()));
+            let ops: Vec<&str> = prof.take().into_iter().map(|(key, _)| key.op).collect();
+            assert_eq!(ops.len(), 2, "profiled ops: {ops:?}");
+            assert!(
+                ops.iter()
+                    .all(|o| o.starts_with("lora_") && o.ends_with("_dropout")),
+                "{ops:?}"
+            );
+        }
+    }
 }
 
 #[test]

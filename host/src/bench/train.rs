@@ -348,9 +348,12 @@ pub fn op_category(key: &OpKey, vocab: usize) -> &'static str {
             "LM head (vocab matmul)"
         }
         "linear_forward" | "linear_backward_input" => "frozen projections",
-        "lora_forward" | "lora_backward" | "dropout_forward" | "dropout_backward" => {
-            "LoRA side path"
-        }
+        "lora_forward"
+        | "lora_backward"
+        | "lora_forward_dropout"
+        | "lora_backward_dropout"
+        | "dropout_forward"
+        | "dropout_backward" => "LoRA side path",
         "attention_forward" | "attention_backward" | "rope" => "attention + RoPE",
         "cross_entropy" => "cross-entropy",
         "rmsnorm_forward" | "rmsnorm_backward" | "swiglu_forward" | "swiglu_backward"

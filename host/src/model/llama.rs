@@ -4,8 +4,8 @@
 
 use anyhow::{Context, Result, bail};
 use fedcdd_kernels::{
-    AttnShape, Backend, Copy2d, LoraDims, LossSum, RopeScaling, RopeShape, RopeTable, WeightDType,
-    WeightSource,
+    AttnShape, Backend, Copy2d, LoraDims, LoraDropout, LossSum, RopeScaling, RopeShape, RopeTable,
+    WeightDType, WeightSource,
 };
 
 use super::checkpoint::Checkpoint;
@@ -485,23 +485,14 @@ impl<B: Backend> LoraModule<B> {
     }
 }
 
-/// LoRA's input: `x` itself, or `drop(x)` (recomputed from the seed) in a dropout scratch.
-/// Returns the scratch pair when dropout applies.
-fn lora_input<'d, B: Backend>(
-    be: &B,
-    lcfg: &LoraConfig,
-    x: &B::Buf,
-    drops: &'d mut DropBufs<B>,
-    dropout: Option<u64>,
-) -> Option<(&'d mut B::Buf, &'d mut B::Buf, u64)> {
-    match dropout {
-        Some(seed) if lcfg.dropout > 0.0 => {
-            let (drop_x, drop_dx) = drops.get(be, be.buf_len(x));
-            be.dropout_forward(x, drop_x, lcfg.dropout, seed);
-            Some((drop_x, drop_dx, seed))
-        }
-        _ => None,
-    }
+/// LoRA dropout of one module in this pass: `None` in evaluation or when p = 0.
+fn lora_dropout(lcfg: &LoraConfig, dropout: Option<u64>) -> Option<LoraDropout> {
+    dropout
+        .filter(|_| lcfg.dropout > 0.0)
+        .map(|seed| LoraDropout {
+            p: lcfg.dropout,
+            seed,
+        })
 }
 
 /// `y = x·Wᵀ (+ scale·(drop(x)·Aᵀ)·Bᵀ)`, saving LoRA's `u`.
@@ -521,8 +512,11 @@ fn project<B: Backend>(
     be.linear_forward(x, w, y, m, false);
     if let (Some(lm), Some(u)) = (lora, u) {
         let d = lm.dims(lcfg, m);
-        match lora_input(be, lcfg, x, drops, dropout) {
-            Some((drop_x, _, _)) => be.lora_forward(drop_x, &lm.a, &lm.b, d, u, y),
+        match lora_dropout(lcfg, dropout) {
+            Some(drop) => {
+                let (scratch, _) = drops.get(be, be.buf_len(x));
+                be.lora_forward_dropout(x, drop, scratch, &lm.a, &lm.b, d, u, y)
+            }
             None => be.lora_forward(x, &lm.a, &lm.b, d, u, y),
         }
     }
@@ -549,12 +543,11 @@ fn project_backward<B: Backend>(
     if let (Some(lm), Some(u)) = (lora, u) {
         let d = lm.dims(lcfg, m);
         let LoraModule { a, b, da, db, .. } = lm;
-        match lora_input(be, lcfg, x, drops, dropout) {
-            Some((drop_x, drop_dx, seed)) => {
+        match lora_dropout(lcfg, dropout) {
+            Some(drop) => {
                 // the gradient reaches x through the same mask
-                be.fill(drop_dx, 0.0);
-                be.lora_backward(drop_x, a, b, u, dy, d, da, db, ws_du, Some(drop_dx));
-                be.dropout_backward(drop_dx, dx, lcfg.dropout, seed);
+                let (sx, sdx) = drops.get(be, be.buf_len(x));
+                be.lora_backward_dropout(x, drop, sx, sdx, a, b, u, dy, d, da, db, ws_du, dx);
             }
             None => be.lora_backward(x, a, b, u, dy, d, da, db, ws_du, Some(dx)),
         }

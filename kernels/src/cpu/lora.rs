@@ -14,7 +14,8 @@ use rayon::prelude::*;
 use super::checks::{check_lora_backward, check_lora_forward};
 use super::gemm::{BSrc, GemmCall, Simd, widen};
 use super::sync_ptr::SyncPtr;
-use crate::LoraDims;
+use crate::backend::{DROPOUT_MUL, dropout_keep32, dropout_seed32};
+use crate::{LoraDims, LoraDropout};
 
 /// Ranks are processed in groups of this many (matrices are zero-padded to a multiple).
 const RG: usize = 8;
@@ -22,6 +23,70 @@ const RG: usize = 8;
 /// Rows per block: at least 64, at most 16 blocks (bounding dA/dB partial sums).
 fn block_rows(m: usize) -> usize {
     m.div_ceil(16).max(64).div_ceil(8) * 8
+}
+
+/// LoRA dropout applied where the kernels read `x` (or add into `dx`): element `(i, j)` of
+/// a block whose first row is row `row0` of the `[m, ld]` whole is kept, and scaled, iff
+/// `dropout_keep` holds for its flat index `(row0 + i)·ld + j` (the index
+/// `Backend::dropout_forward` gives it).
+#[derive(Clone, Copy)]
+struct Mask {
+    seed: u32,
+    p: f32,
+    scale: f32,
+    row0: usize,
+    ld: usize,
+}
+
+impl Mask {
+    fn new(drop: LoraDropout, ld: usize) -> Self {
+        assert!(
+            (0.0..=1.0).contains(&drop.p),
+            "LoRA dropout p = {} is not in [0, 1]",
+            drop.p
+        );
+        Mask {
+            seed: dropout_seed32(drop.seed),
+            p: drop.p,
+            // the same f32 division as `dropout_forward`
+            scale: 1.0 / (1.0 - drop.p),
+            row0: 0,
+            ld,
+        }
+    }
+
+    /// The mask of the block starting at row `row0`.
+    fn at_row(self, row0: usize) -> Self {
+        Mask { row0, ..self }
+    }
+
+    /// The counter of element `(i, j)` of the block (it wraps at 2³², as `dropout_keep`'s).
+    #[inline(always)]
+    fn index(&self, i: usize, j: usize) -> u32 {
+        ((self.row0 + i) * self.ld + j) as u32
+    }
+
+    #[inline(always)]
+    fn keep(&self, i: usize, j: usize) -> bool {
+        dropout_keep32(self.seed, self.index(i, j), self.p)
+    }
+
+    /// `drop(x)` of element `(i, j)` whose value is `v`.
+    #[inline(always)]
+    fn dropped(&self, v: f32, i: usize, j: usize) -> f32 {
+        if self.keep(i, j) { v * self.scale } else { 0.0 }
+    }
+
+    /// `dx + t / (1-p)` where element `(i, j)` is kept, else `dx` unchanged (as
+    /// `dropout_backward` leaves it).
+    #[inline(always)]
+    fn add_kept(&self, dx: f32, t: f32, i: usize, j: usize) -> f32 {
+        if self.keep(i, j) {
+            dx + t * self.scale
+        } else {
+            dx
+        }
+    }
 }
 
 /// A vector of f32 lanes.
@@ -36,6 +101,33 @@ trait Vector: Copy {
     /// `self · b + c`.
     unsafe fn fma(self, b: Self, c: Self) -> Self;
     unsafe fn sum(self) -> f32;
+    /// [`Mask::dropped`] on every lane, lane `t` being element `(i, j + t)`.
+    #[inline(always)]
+    unsafe fn dropped(self, m: &Mask, i: usize, j: usize) -> Self {
+        // SAFETY: `buf` holds LANES values (the portable fallback).
+        unsafe {
+            let mut buf = [0.0f32; 16];
+            self.store(buf.as_mut_ptr());
+            for (t, v) in buf[..Self::LANES].iter_mut().enumerate() {
+                *v = m.dropped(*v, i, j + t);
+            }
+            Self::load(buf.as_ptr())
+        }
+    }
+    /// [`Mask::add_kept`] on every lane (`self` is dx), lane `t` being element `(i, j + t)`.
+    #[inline(always)]
+    unsafe fn add_kept(self, t: Self, m: &Mask, i: usize, j: usize) -> Self {
+        // SAFETY: as above.
+        unsafe {
+            let (mut d, mut g) = ([0.0f32; 16], [0.0f32; 16]);
+            self.store(d.as_mut_ptr());
+            t.store(g.as_mut_ptr());
+            for l in 0..Self::LANES {
+                d[l] = m.add_kept(d[l], g[l], i, j + l);
+            }
+            Self::load(d.as_ptr())
+        }
+    }
     /// The sums of eight vectors (one reduction tree instead of eight).
     #[inline(always)]
     unsafe fn sum8(v: [Self; 8]) -> [f32; 8] {
@@ -88,10 +180,36 @@ impl Vector for Lanes {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::Vector;
+    use super::{DROPOUT_MUL, Mask, Vector};
 
     #[derive(Clone, Copy)]
     pub(super) struct Z(__m512);
+
+    /// `dropout_keep32` for counters `first .. first + 16`, as a lane mask.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[inline(always)]
+    unsafe fn keep16(m: &Mask, first: u32) -> __mmask16 {
+        // SAFETY: register-only AVX-512F arithmetic.
+        unsafe {
+            let c = |v: u32| _mm512_set1_epi32(v as i32);
+            let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+            let idx = _mm512_add_epi32(c(first), iota);
+            let mut z = _mm512_xor_si512(_mm512_mullo_epi32(idx, c(DROPOUT_MUL[0])), c(m.seed));
+            z = _mm512_xor_si512(z, _mm512_srli_epi32::<16>(z));
+            z = _mm512_mullo_epi32(z, c(DROPOUT_MUL[1]));
+            z = _mm512_xor_si512(z, _mm512_srli_epi32::<13>(z));
+            z = _mm512_mullo_epi32(z, c(DROPOUT_MUL[2]));
+            z = _mm512_xor_si512(z, _mm512_srli_epi32::<16>(z));
+            // the top 24 bits as a fraction in [0, 1), exactly as the scalar hash reads them
+            let f = _mm512_mul_ps(
+                _mm512_cvtepi32_ps(_mm512_srli_epi32::<8>(z)),
+                _mm512_set1_ps(1.0 / 16_777_216.0),
+            );
+            _mm512_cmp_ps_mask::<_CMP_GE_OQ>(f, _mm512_set1_ps(m.p))
+        }
+    }
 
     impl Vector for Z {
         const LANES: usize = 16;
@@ -124,6 +242,23 @@ mod x86 {
         unsafe fn sum(self) -> f32 {
             // SAFETY: as above.
             unsafe { _mm512_reduce_add_ps(self.0) }
+        }
+        #[inline(always)]
+        unsafe fn dropped(self, m: &Mask, i: usize, j: usize) -> Self {
+            // SAFETY: as above (register-only).
+            unsafe {
+                let keep = keep16(m, m.index(i, j));
+                Z(_mm512_maskz_mul_ps(keep, self.0, _mm512_set1_ps(m.scale)))
+            }
+        }
+        #[inline(always)]
+        unsafe fn add_kept(self, t: Self, m: &Mask, i: usize, j: usize) -> Self {
+            // SAFETY: as above.
+            unsafe {
+                let keep = keep16(m, m.index(i, j));
+                let g = _mm512_mul_ps(t.0, _mm512_set1_ps(m.scale));
+                Z(_mm512_mask_add_ps(self.0, keep, self.0, g))
+            }
         }
         #[inline(always)]
         unsafe fn sum8(v: [Self; 8]) -> [f32; 8] {
@@ -169,6 +304,30 @@ mod x86 {
     #[derive(Clone, Copy)]
     pub(super) struct Y(__m256);
 
+    /// `dropout_keep32` for counters `first .. first + 8`, as all-ones / all-zeros lanes.
+    ///
+    /// # Safety
+    /// The CPU has AVX2.
+    #[inline(always)]
+    unsafe fn keep8(m: &Mask, first: u32) -> __m256 {
+        // SAFETY: register-only AVX2 arithmetic.
+        unsafe {
+            let c = |v: u32| _mm256_set1_epi32(v as i32);
+            let idx = _mm256_add_epi32(c(first), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            let mut z = _mm256_xor_si256(_mm256_mullo_epi32(idx, c(DROPOUT_MUL[0])), c(m.seed));
+            z = _mm256_xor_si256(z, _mm256_srli_epi32::<16>(z));
+            z = _mm256_mullo_epi32(z, c(DROPOUT_MUL[1]));
+            z = _mm256_xor_si256(z, _mm256_srli_epi32::<13>(z));
+            z = _mm256_mullo_epi32(z, c(DROPOUT_MUL[2]));
+            z = _mm256_xor_si256(z, _mm256_srli_epi32::<16>(z));
+            let f = _mm256_mul_ps(
+                _mm256_cvtepi32_ps(_mm256_srli_epi32::<8>(z)),
+                _mm256_set1_ps(1.0 / 16_777_216.0),
+            );
+            _mm256_cmp_ps::<_CMP_GE_OQ>(f, _mm256_set1_ps(m.p))
+        }
+    }
+
     impl Vector for Y {
         const LANES: usize = 8;
         #[inline(always)]
@@ -203,6 +362,26 @@ mod x86 {
             unsafe { _mm256_storeu_ps(t.as_mut_ptr(), self.0) };
             ((t[0] + t[4]) + (t[1] + t[5])) + ((t[2] + t[6]) + (t[3] + t[7]))
         }
+        #[inline(always)]
+        unsafe fn dropped(self, m: &Mask, i: usize, j: usize) -> Self {
+            // SAFETY: as above (register-only); dropped lanes become +0.
+            unsafe {
+                let keep = keep8(m, m.index(i, j));
+                Y(_mm256_and_ps(
+                    keep,
+                    _mm256_mul_ps(self.0, _mm256_set1_ps(m.scale)),
+                ))
+            }
+        }
+        #[inline(always)]
+        unsafe fn add_kept(self, t: Self, m: &Mask, i: usize, j: usize) -> Self {
+            // SAFETY: as above.
+            unsafe {
+                let keep = keep8(m, m.index(i, j));
+                let sum = _mm256_add_ps(self.0, _mm256_mul_ps(t.0, _mm256_set1_ps(m.scale)));
+                Y(_mm256_blendv_ps(self.0, sum, keep))
+            }
+        }
     }
 }
 
@@ -214,7 +393,7 @@ struct Mat<'a> {
 }
 
 /// `out[i, q] = s · Σ_p x[i,p] · w[q,p]` for `i < rows`, `q < r` (`w` has `⌈r/RG⌉·RG`
-/// zero-padded rows of `k`, `out` row stride `ldo`).
+/// zero-padded rows of `k`, `out` row stride `ldo`); with `mask`, `x` is read as `drop(x)`.
 ///
 /// # Safety
 /// The CPU has `V`'s instructions; `x` holds `rows` rows of `k` at its stride, `out` `rows`
@@ -230,6 +409,7 @@ unsafe fn dots<V: Vector>(
     s: f32,
     out: &mut [f32],
     ldo: usize,
+    mask: Option<&Mask>,
 ) {
     let l = V::LANES;
     let kv = k / l * l;
@@ -250,8 +430,12 @@ unsafe fn dots<V: Vector>(
                 let mut a1 = [V::zero(); RG];
                 let mut p = 0;
                 while p < kv {
-                    let v0 = V::load(x0.add(p));
-                    let v1 = V::load(x1.add(p));
+                    let mut v0 = V::load(x0.add(p));
+                    let mut v1 = V::load(x1.add(p));
+                    if let Some(mk) = mask {
+                        v0 = v0.dropped(mk, i, p);
+                        v1 = v1.dropped(mk, i1, p);
+                    }
                     for q in 0..RG {
                         let wv = V::load(wq.add(q * k + p));
                         a0[q] = v0.fma(wv, a0[q]);
@@ -264,8 +448,13 @@ unsafe fn dots<V: Vector>(
                     let (mut s0, mut s1) = (h0[q], h1[q]);
                     for pp in kv..k {
                         let wv = *wq.add(q * k + pp);
-                        s0 += *x0.add(pp) * wv;
-                        s1 += *x1.add(pp) * wv;
+                        let (mut e0, mut e1) = (*x0.add(pp), *x1.add(pp));
+                        if let Some(mk) = mask {
+                            e0 = mk.dropped(e0, i, pp);
+                            e1 = mk.dropped(e1, i1, pp);
+                        }
+                        s0 += e0 * wv;
+                        s1 += e1 * wv;
                     }
                     out[i * ldo + q0 + q] = s * s0;
                     if i1 != i {
@@ -280,11 +469,13 @@ unsafe fn dots<V: Vector>(
 }
 
 /// `y[i, j] += Σ_q u[i,q] · v[q,j]` for `i < rows`, `j < n`; `u` rows padded to `rp`
-/// (a multiple of RG, zeros past r), `v` `rp` rows of `n`.
+/// (a multiple of RG, zeros past r), `v` `rp` rows of `n`. With `mask` (`y` is dx under
+/// LoRA dropout, `rp = RG`): `y[i, j] += (Σ_q u[i,q] · v[q,j]) / (1-p)` where kept.
 ///
 /// # Safety
 /// The CPU has `V`'s instructions; the views hold what they describe.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn rank_update<V: Vector>(
     u: &[f32],
     rp: usize,
@@ -293,9 +484,13 @@ unsafe fn rank_update<V: Vector>(
     n: usize,
     y: &mut [f32],
     ldy: usize,
+    mask: Option<&Mask>,
 ) {
     let l = V::LANES;
     let nv = n / l * l;
+    // The masked form sums from zero and then adds through the mask; one group of RG ranks
+    // keeps that a single sum (LoRA's r ≤ RG on this path's callers is checked below).
+    debug_assert!(mask.is_none() || rp == RG);
     let vp = v.as_ptr();
     let yp = y.as_mut_ptr();
     let mut i = 0;
@@ -317,12 +512,18 @@ unsafe fn rank_update<V: Vector>(
                 let vq = vp.add(q0 * n);
                 let mut j = 0;
                 while j < nv {
-                    let mut t0 = V::load(y0.add(j));
-                    let mut t1 = V::load(y1.add(j));
+                    let (mut t0, mut t1) = match mask {
+                        Some(_) => (V::zero(), V::zero()),
+                        None => (V::load(y0.add(j)), V::load(y1.add(j))),
+                    };
                     for q in 0..RG {
                         let w = V::load(vq.add(q * n + j));
                         t0 = b0[q].fma(w, t0);
                         t1 = b1[q].fma(w, t1);
+                    }
+                    if let Some(mk) = mask {
+                        t0 = V::load(y0.add(j)).add_kept(t0, mk, i, j);
+                        t1 = V::load(y1.add(j)).add_kept(t1, mk, i1, j);
                     }
                     t0.store(y0.add(j));
                     if two {
@@ -331,12 +532,18 @@ unsafe fn rank_update<V: Vector>(
                     j += l;
                 }
                 for j in nv..n {
-                    let mut t0 = *y0.add(j);
-                    let mut t1 = *y1.add(j);
+                    let (mut t0, mut t1) = match mask {
+                        Some(_) => (0.0, 0.0),
+                        None => (*y0.add(j), *y1.add(j)),
+                    };
                     for q in 0..RG {
                         let w = *vq.add(q * n + j);
                         t0 += u[i * rp + q0 + q] * w;
                         t1 += u[i1 * rp + q0 + q] * w;
+                    }
+                    if let Some(mk) = mask {
+                        t0 = mk.add_kept(*y0.add(j), t0, i, j);
+                        t1 = mk.add_kept(*y1.add(j), t1, i1, j);
                     }
                     *y0.add(j) = t0;
                     if two {
@@ -351,7 +558,7 @@ unsafe fn rank_update<V: Vector>(
 }
 
 /// `g[q, j] = Σ_{i<rows} u[i,q] · y[i,j]` for `q < rp` (u rows padded to `rp`), `j < n`;
-/// `g` is `rp × n`.
+/// `g` is `rp × n`. With `mask`, `y` is read as `drop(y)`.
 ///
 /// # Safety
 /// The CPU has `V`'s instructions; the views hold what they describe.
@@ -363,6 +570,7 @@ unsafe fn rank_reduce<V: Vector>(
     y: Mat<'_>,
     n: usize,
     g: &mut [f32],
+    mask: Option<&Mask>,
 ) {
     const JV: usize = 3;
     let l = V::LANES;
@@ -381,6 +589,9 @@ unsafe fn rank_reduce<V: Vector>(
                     let mut yv = [V::zero(); JV];
                     for (t, v) in yv.iter_mut().enumerate() {
                         *v = V::load(yr.add(t * l));
+                        if let Some(mk) = mask {
+                            *v = v.dropped(mk, i, j + t * l);
+                        }
                     }
                     let ur = up.add(i * rp + q0);
                     for (q, a) in acc.iter_mut().enumerate() {
@@ -400,7 +611,10 @@ unsafe fn rank_reduce<V: Vector>(
             while j + l <= n {
                 let mut acc = [V::zero(); RG];
                 for i in 0..rows {
-                    let yv = V::load(yp.add(i * y.ld + j));
+                    let mut yv = V::load(yp.add(i * y.ld + j));
+                    if let Some(mk) = mask {
+                        yv = yv.dropped(mk, i, j);
+                    }
                     let ur = up.add(i * rp + q0);
                     for (q, a) in acc.iter_mut().enumerate() {
                         *a = V::splat(*ur.add(q)).fma(yv, *a);
@@ -414,7 +628,10 @@ unsafe fn rank_reduce<V: Vector>(
             while j < n {
                 let mut acc = [0.0f32; RG];
                 for i in 0..rows {
-                    let yv = *yp.add(i * y.ld + j);
+                    let mut yv = *yp.add(i * y.ld + j);
+                    if let Some(mk) = mask {
+                        yv = mk.dropped(yv, i, j);
+                    }
                     let ur = up.add(i * rp + q0);
                     for (q, a) in acc.iter_mut().enumerate() {
                         *a += *ur.add(q) * yv;
@@ -467,9 +684,9 @@ macro_rules! dispatch {
     };
 }
 
-dispatch!(dots_any, dots, (x: Mat<'_>, rows: usize, k: usize, w: &[f32], r: usize, s: f32, out: &mut [f32], ldo: usize));
-dispatch!(rank_update_any, rank_update, (u: &[f32], rp: usize, rows: usize, v: &[f32], n: usize, y: &mut [f32], ldy: usize));
-dispatch!(rank_reduce_any, rank_reduce, (u: &[f32], rp: usize, rows: usize, y: Mat<'_>, n: usize, g: &mut [f32]));
+dispatch!(dots_any, dots, (x: Mat<'_>, rows: usize, k: usize, w: &[f32], r: usize, s: f32, out: &mut [f32], ldo: usize, mask: Option<&Mask>));
+dispatch!(rank_update_any, rank_update, (u: &[f32], rp: usize, rows: usize, v: &[f32], n: usize, y: &mut [f32], ldy: usize, mask: Option<&Mask>));
+dispatch!(rank_reduce_any, rank_reduce, (u: &[f32], rp: usize, rows: usize, y: Mat<'_>, n: usize, g: &mut [f32], mask: Option<&Mask>));
 
 /// `rows × cols` row-major `src` (row stride `ld`) transposed into `cols` rows of `rows`,
 /// scaled, and zero-padded to `pad_rows` rows.
@@ -511,7 +728,8 @@ fn for_blocks(m: usize, bm: usize, f: impl Fn(usize, usize, usize) + Sync) {
     }
 }
 
-/// `u[m,r] = x·Aᵀ`; `y[m,n] += scale · u·Bᵀ`.
+/// `u[m,r] = x·Aᵀ`; `y[m,n] += scale · u·Bᵀ`; with `drop`, `x` is read as `drop(x)`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn forward(
     simd: Simd,
     x: &[f32],
@@ -520,6 +738,7 @@ pub(crate) fn forward(
     d: LoraDims,
     u: &mut [f32],
     y: &mut [f32],
+    drop: Option<LoraDropout>,
 ) {
     let LoraDims { m, k, n, r, scale } = d;
     simd.check();
@@ -532,6 +751,7 @@ pub(crate) fn forward(
     let bt = transpose_pad(b, n, r, scale, rp);
     let (up, yp) = (SyncPtr(u.as_mut_ptr()), SyncPtr(y.as_mut_ptr()));
     let bm = block_rows(m);
+    let mask = drop.map(|dr| Mask::new(dr, k));
     for_blocks(m, bm, |_, i0, rows| {
         // SAFETY: blocks are disjoint row ranges inside u (m·r) and y (m·n).
         let (ub, yb) = unsafe { (up.rows(i0, rows, r), yp.rows(i0, rows, n)) };
@@ -539,15 +759,17 @@ pub(crate) fn forward(
             d: &x[i0 * k..(i0 + rows) * k],
             ld: k,
         };
-        dots_any(simd, xb, rows, k, &a_pad, r, 1.0, ub, r);
+        let mask = mask.map(|mk| mk.at_row(i0));
+        dots_any(simd, xb, rows, k, &a_pad, r, 1.0, ub, r, mask.as_ref());
         let mut upad = Vec::new();
         pad_cols(ub, rows, r, rp, &mut upad);
-        rank_update_any(simd, &upad, rp, rows, &bt, n, yb, n);
+        rank_update_any(simd, &upad, rp, rows, &bt, n, yb, n, None);
     });
 }
 
 /// `dB[n,r] += scale · dyᵀ·u`; `du[m,r] = scale · dy·B`; `dA[r,k] += duᵀ·x`; and, when
-/// `dx` is given, `dx[m,k] += du·A`.
+/// `dx` is given, `dx[m,k] += du·A`. With `drop`, `x` is read as `drop(x)` and `du·A`
+/// reaches `dx` through the same mask.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
     simd: Simd,
@@ -561,6 +783,7 @@ pub(crate) fn backward(
     db: &mut [f32],
     du: &mut [f32],
     dx: Option<&mut [f32]>,
+    drop: Option<LoraDropout>,
 ) {
     let LoraDims { m, k, n, r, scale } = d;
     simd.check();
@@ -579,7 +802,9 @@ pub(crate) fn backward(
     let pp = SyncPtr(parts.as_mut_ptr());
     let dup = SyncPtr(du.as_mut_ptr());
     let dxp = dx.map(|v| SyncPtr(v.as_mut_ptr()));
+    let mask = drop.map(|dr| Mask::new(dr, k));
     for_blocks(m, bm, |blk, i0, rows| {
+        let mask = mask.map(|mk| mk.at_row(i0));
         // SAFETY: blocks own disjoint rows of du and dx and their own slice of `parts`.
         let (dub, gb) = unsafe { (dup.rows(i0, rows, r), pp.rows(blk, 1, part)) };
         let (gbb, gab) = gb.split_at_mut(rp * n);
@@ -591,16 +816,27 @@ pub(crate) fn backward(
             d: &x[i0 * k..(i0 + rows) * k],
             ld: k,
         };
-        dots_any(simd, dyb, rows, n, &bt, r, scale, dub, r);
+        dots_any(simd, dyb, rows, n, &bt, r, scale, dub, r, None);
         let mut pad = Vec::new();
         pad_cols(&u[i0 * r..(i0 + rows) * r], rows, r, rp, &mut pad);
-        rank_reduce_any(simd, &pad, rp, rows, dyb, n, gbb);
+        rank_reduce_any(simd, &pad, rp, rows, dyb, n, gbb, None);
         pad_cols(dub, rows, r, rp, &mut pad);
-        rank_reduce_any(simd, &pad, rp, rows, xb, k, gab);
+        rank_reduce_any(simd, &pad, rp, rows, xb, k, gab, mask.as_ref());
         if let Some(dxp) = dxp {
             // SAFETY: as above (rows of dx, checked to hold m·k values).
             let dxb = unsafe { dxp.rows(i0, rows, k) };
-            rank_update_any(simd, &pad, rp, rows, &a_pad, k, dxb, k);
+            match mask {
+                // Several rank groups: their whole sum first, then through the mask (the
+                // masked kernel adds one group's sum).
+                Some(mk) if rp > RG => {
+                    let mut t = vec![0.0f32; rows * k];
+                    rank_update_any(simd, &pad, rp, rows, &a_pad, k, &mut t, k, None);
+                    for (e, (dv, &tv)) in dxb.iter_mut().zip(&t).enumerate() {
+                        *dv = mk.add_kept(*dv, tv, e / k, e % k);
+                    }
+                }
+                _ => rank_update_any(simd, &pad, rp, rows, &a_pad, k, dxb, k, mask.as_ref()),
+            }
         }
     });
     // Block partial sums, added in block order.
@@ -674,7 +910,7 @@ pub(crate) fn skinny_trans_b(simd: Simd, g: &GemmCall<'_>, c: &mut [f32]) {
                     &wbuf
                 }
             };
-            dots_any(simd, x, m, k, rows, w, 1.0, &mut out, RG);
+            dots_any(simd, x, m, k, rows, w, 1.0, &mut out, RG, None);
             for i in 0..m {
                 // SAFETY: columns j..j+w of row i are inside C (checked by `gemm`) and this
                 // task's alone (tasks own disjoint column ranges).

@@ -9,7 +9,7 @@ pub use super::gemm::Simd;
 use super::gemm::{self, BSrc, GemmCall, gemm};
 use super::lora::skinny_trans_b;
 use super::{Cpu, CpuWeight, WeightSlice, lora};
-use crate::{Gemm, LoraDims};
+use crate::{Gemm, LoraDims, LoraDropout};
 
 fn weight_src(w: &CpuWeight) -> BSrc<'_> {
     match w.slice() {
@@ -136,7 +136,7 @@ pub fn matmul_with(simd: Simd, g: Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
 
 /// `u[m,r] = x·Aᵀ`; `y[m,n] += scale · u·Bᵀ`.
 pub fn lora_forward(x: &[f32], a: &[f32], b: &[f32], d: LoraDims, u: &mut [f32], y: &mut [f32]) {
-    lora::forward(Simd::detect(), x, a, b, d, u, y)
+    lora::forward(Simd::detect(), x, a, b, d, u, y, None)
 }
 
 /// [`lora_forward`] with `simd`'s kernels (panics when this CPU lacks them).
@@ -150,7 +150,23 @@ pub fn lora_forward_with(
     u: &mut [f32],
     y: &mut [f32],
 ) {
-    lora::forward(simd, x, a, b, d, u, y)
+    lora::forward(simd, x, a, b, d, u, y, None)
+}
+
+/// [`lora_forward`] on `drop(x)`, the mask applied as the kernels read `x` (the same bits
+/// as `dropout_forward` into a buffer and [`lora_forward`] on it).
+#[allow(clippy::too_many_arguments)]
+pub fn lora_forward_dropout_with(
+    simd: Simd,
+    x: &[f32],
+    drop: LoraDropout,
+    a: &[f32],
+    b: &[f32],
+    d: LoraDims,
+    u: &mut [f32],
+    y: &mut [f32],
+) {
+    lora::forward(simd, x, a, b, d, u, y, Some(drop))
 }
 
 /// `dB += scale · dyᵀ·u`; `du = scale · dy·B`; `dA += duᵀ·x`; `dx += du·A` when given.
@@ -167,7 +183,7 @@ pub fn lora_backward(
     du: &mut [f32],
     dx: Option<&mut [f32]>,
 ) {
-    lora::backward(Simd::detect(), x, a, b, u, dy, d, da, db, du, dx)
+    lora::backward(Simd::detect(), x, a, b, u, dy, d, da, db, du, dx, None)
 }
 
 /// [`lora_backward`] with `simd`'s kernels (panics when this CPU lacks them).
@@ -185,7 +201,28 @@ pub fn lora_backward_with(
     du: &mut [f32],
     dx: Option<&mut [f32]>,
 ) {
-    lora::backward(simd, x, a, b, u, dy, d, da, db, du, dx)
+    lora::backward(simd, x, a, b, u, dy, d, da, db, du, dx, None)
+}
+
+/// [`lora_backward`] on `drop(x)`, `du·A` reaching `dx` through the same mask, all inside
+/// the kernels (the same bits as the separate `dropout_forward`, [`lora_backward`] into a
+/// zeroed buffer and `dropout_backward`).
+#[allow(clippy::too_many_arguments)]
+pub fn lora_backward_dropout_with(
+    simd: Simd,
+    x: &[f32],
+    drop: LoraDropout,
+    a: &[f32],
+    b: &[f32],
+    u: &[f32],
+    dy: &[f32],
+    d: LoraDims,
+    da: &mut [f32],
+    db: &mut [f32],
+    du: &mut [f32],
+    dx: &mut [f32],
+) {
+    lora::backward(simd, x, a, b, u, dy, d, da, db, du, Some(dx), Some(drop))
 }
 
 /// This machine's f32 matmul rate in GFLOP/s: the best of repeated `C = A·B` products on a

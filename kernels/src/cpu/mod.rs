@@ -15,9 +15,10 @@ mod weight;
 pub use weight::{CpuWeight, WeightSlice};
 
 use crate::{
-    AdamW, AttnShape, Backend, Copy2d, Gemm, KernelError, LoraDims, LossSum, RopeShape, Sgd,
-    WeightSource,
+    AdamW, AttnShape, Backend, Copy2d, Gemm, KernelError, LoraDims, LoraDropout, LossSum,
+    RopeShape, Sgd, WeightSource, lora_backward_dropout_unfused, lora_forward_dropout_unfused,
 };
+use matmul::Simd;
 
 /// The CPU backend: the fast path on a private thread pool, or the plain reference.
 pub struct Cpu {
@@ -221,6 +222,51 @@ impl Backend for Cpu {
             reference_matmul::lora_backward(x, a, b, u, dy, d, da, db, du, dx)
         } else {
             self.install(|| matmul::lora_backward(x, a, b, u, dy, d, da, db, du, dx))
+        }
+    }
+    fn lora_forward_dropout(
+        &self,
+        x: &Vec<f32>,
+        drop: LoraDropout,
+        scratch: &mut Vec<f32>,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        d: LoraDims,
+        u: &mut Vec<f32>,
+        y: &mut Vec<f32>,
+    ) {
+        if self.reference {
+            lora_forward_dropout_unfused(self, x, drop, scratch, a, b, d, u, y)
+        } else {
+            let simd = Simd::detect();
+            self.install(|| matmul::lora_forward_dropout_with(simd, x, drop, a, b, d, u, y))
+        }
+    }
+    fn lora_backward_dropout(
+        &self,
+        x: &Vec<f32>,
+        drop: LoraDropout,
+        scratch_x: &mut Vec<f32>,
+        scratch_dx: &mut Vec<f32>,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        u: &Vec<f32>,
+        dy: &Vec<f32>,
+        d: LoraDims,
+        da: &mut Vec<f32>,
+        db: &mut Vec<f32>,
+        du: &mut Vec<f32>,
+        dx: &mut Vec<f32>,
+    ) {
+        if self.reference {
+            lora_backward_dropout_unfused(
+                self, x, drop, scratch_x, scratch_dx, a, b, u, dy, d, da, db, du, dx,
+            )
+        } else {
+            let simd = Simd::detect();
+            self.install(|| {
+                matmul::lora_backward_dropout_with(simd, x, drop, a, b, u, dy, d, da, db, du, dx)
+            })
         }
     }
     fn dropout_forward(&self, x: &Vec<f32>, out: &mut Vec<f32>, p: f32, seed: u64) {
