@@ -313,6 +313,26 @@ pub(crate) fn gemm(simd: Simd, g: &GemmCall<'_>, c: &mut [f32], skinny: SkinnyFn
             let mut pc = 0;
             while pc < k {
                 let kc = kc_max.min(k - pc);
+                // Next: this chunk's following block of k, or the next chunk's first (the
+                // task that takes it is most often this thread's next).
+                let next = if pc + kc < k {
+                    Some(NextPiece {
+                        p0: pc + kc,
+                        kc: kc_max.min(k - pc - kc),
+                        j0,
+                        w: (panels * nr).min(n - j0),
+                    })
+                } else if t + 1 < chunks {
+                    let (q0, q1) = ((t + 1) * all_panels / chunks, (t + 2) * all_panels / chunks);
+                    Some(NextPiece {
+                        p0: 0,
+                        kc: kc_max.min(k),
+                        j0: q0 * nr,
+                        w: ((q1 - q0) * nr).min(n - q0 * nr),
+                    })
+                } else {
+                    None
+                };
                 let bpack = &mut buf.as_mut_slice()[..panels * kc * nr];
                 for (p, panel) in bpack.chunks_mut(kc * nr).enumerate() {
                     let jj = j0 + p * nr;
@@ -328,6 +348,7 @@ pub(crate) fn gemm(simd: Simd, g: &GemmCall<'_>, c: &mut [f32], skinny: SkinnyFn
                     beta: if pc == 0 { beta } else { 1.0 },
                     bpack,
                     c: cptr,
+                    next,
                 };
                 // SAFETY: chunks own disjoint columns of C; the bounds were checked above.
                 unsafe { tile.run(0..m, 0..panels) };
@@ -388,6 +409,7 @@ pub(crate) fn gemm(simd: Simd, g: &GemmCall<'_>, c: &mut [f32], skinny: SkinnyFn
                     beta: beta_k,
                     bpack,
                     c: cptr,
+                    next: None,
                 };
                 // SAFETY: tasks cover disjoint rows × panel columns of C, so no two write
                 // the same element; the bounds were checked above.
@@ -473,6 +495,58 @@ fn scale_c(c: &mut [f32], m: usize, n: usize, ldc: usize, beta: f32) {
     }
 }
 
+/// A piece of op(B)'s storage (`kc` rows of k from `p0`, columns `j0..j0 + w`) that a task
+/// packs next: the row tiles of the current block pull it towards L2 a slice at a time, so
+/// the packing that follows finds it there instead of waiting on memory.
+#[derive(Clone, Copy)]
+struct NextPiece {
+    p0: usize,
+    kc: usize,
+    j0: usize,
+    w: usize,
+}
+
+impl NextPiece {
+    /// Touches (prefetches into L2) the storage lines of segments `part · S / parts ..
+    /// (part + 1) · S / parts` of the piece, a segment being one stored row of it.
+    fn prefetch(&self, g: &GemmCall<'_>, part: usize, parts: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+            let (base, esize): (*const u8, usize) = match g.b {
+                BSrc::F32(s) => (s.as_ptr().cast(), 4),
+                BSrc::F16(s) => (s.as_ptr().cast(), 2),
+                BSrc::Bf16(s) => (s.as_ptr().cast(), 2),
+            };
+            let len = g.b.len();
+            // One segment per stored row: a row of W (`[n, k]`, trans_b) or of B (`[k, n]`).
+            let (segs, seg_len) = if g.trans_b {
+                (self.w, self.kc)
+            } else {
+                (self.kc, self.w)
+            };
+            let parts = parts.max(1);
+            for s in part * segs / parts..(part + 1) * segs / parts {
+                let first = if g.trans_b {
+                    (self.j0 + s) * g.ldb + self.p0
+                } else {
+                    (self.p0 + s) * g.ldb + self.j0
+                };
+                let end = (first + seg_len).min(len);
+                let mut at = first * esize;
+                while at < end * esize {
+                    // SAFETY: `at` lies inside B's storage (below `len` elements); a
+                    // prefetch reads nothing architecturally.
+                    unsafe { _mm_prefetch::<_MM_HINT_T1>(base.add(at).cast()) };
+                    at += 64;
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (g, part, parts);
+    }
+}
+
 /// The work of one task inside one packed block.
 struct Tile<'a, 'g> {
     isa: &'a Isa,
@@ -484,6 +558,8 @@ struct Tile<'a, 'g> {
     beta: f32,
     bpack: &'a [f32],
     c: SyncPtr,
+    /// What this task packs after this block, prefetched while it computes.
+    next: Option<NextPiece>,
 }
 
 impl Tile<'_, '_> {
@@ -500,13 +576,18 @@ impl Tile<'_, '_> {
             beta,
             bpack,
             c,
+            next,
         } = *self;
         let (mr, nr) = (isa.mr, isa.nr);
         let kern = isa.kernels[g.trans_a as usize];
         let mut edge: Vec<f32> = Vec::new();
+        let row_tiles = (rows.end - rows.start).div_ceil(mr);
         let mut i = rows.start;
         while i < rows.end {
             let h = mr.min(rows.end - i);
+            if let Some(piece) = next {
+                piece.prefetch(g, (i - rows.start) / mr, row_tiles);
+            }
             // The tile of A: in place when MR rows exist, else a zero-padded copy.
             let (aptr, lda) = if h == mr {
                 let off = if g.trans_a {
