@@ -26,7 +26,8 @@
 //!   *Row blocks*: B's block is packed once and shared; tasks are whole `MR` tiles (about
 //!   `MC` rows, a multiple of the thread count), and groups of panels when rows are few.
 //!   *Column chunks* (many packed blocks, or `m ≤ 1024`): each task packs its own panels block
-//!   by block and computes all rows for them, with no synchronisation inside the call.
+//!   by block and computes all rows for them, with no synchronisation inside the call; while
+//!   its row tiles compute one block it prefetches the storage of the block it packs next.
 //!   Block sizes never depend on the thread count and every element is summed in the same
 //!   order, so results are bitwise identical for any number of threads.
 //! - **ISA** ([`Simd`]): chosen at run time: AVX-512F, else AVX2+FMA (x86-64), else a
