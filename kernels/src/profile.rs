@@ -90,6 +90,17 @@ fn weight_key(op: &'static str, (n, k): (usize, usize), m: usize) -> OpKey {
     }
 }
 
+/// LoRA forward's flops: `u = x·Aᵀ` and `y += s·u·Bᵀ`.
+fn lora_forward_flops(d: LoraDims) -> f64 {
+    2.0 * (d.m * d.r * (d.k + d.n)) as f64
+}
+
+/// LoRA backward's flops: dB, du and dA are `2·m·r·(2n + k)`; dx adds `2·m·r·k`.
+fn lora_backward_flops(d: LoraDims, with_dx: bool) -> f64 {
+    let dx = if with_dx { d.k } else { 0 };
+    2.0 * (d.m * d.r * (2 * d.n + d.k + dx)) as f64
+}
+
 fn lora_shape(d: LoraDims) -> String {
     format!("[{} x {}] r {}, m {}", d.n, d.k, d.r, d.m)
 }
@@ -217,7 +228,7 @@ impl<B: Backend> Backend for Profiled<B> {
         u: &mut Self::Buf,
         y: &mut Self::Buf,
     ) {
-        let flops = 2.0 * (d.m * d.r * (d.k + d.n)) as f64;
+        let flops = lora_forward_flops(d);
         self.timed(key("lora_forward", lora_shape(d)), flops, |b| {
             b.lora_forward(x, a, bm, d, u, y)
         })
@@ -235,9 +246,7 @@ impl<B: Backend> Backend for Profiled<B> {
         du: &mut Self::Buf,
         dx: Option<&mut Self::Buf>,
     ) {
-        // dB, du and dA: 2·m·r·(2n + k); dx adds 2·m·r·k.
-        let with_dx = if dx.is_some() { d.k } else { 0 };
-        let flops = 2.0 * (d.m * d.r * (2 * d.n + d.k + with_dx)) as f64;
+        let flops = lora_backward_flops(d, dx.is_some());
         self.timed(key("lora_backward", lora_shape(d)), flops, |b| {
             b.lora_backward(x, a, bm, u, dy, d, da, db, du, dx)
         })
@@ -253,7 +262,7 @@ impl<B: Backend> Backend for Profiled<B> {
         u: &mut Self::Buf,
         y: &mut Self::Buf,
     ) {
-        let flops = 2.0 * (d.m * d.r * (d.k + d.n)) as f64;
+        let flops = lora_forward_flops(d);
         self.timed(key("lora_forward_dropout", lora_shape(d)), flops, |b| {
             b.lora_forward_dropout(x, drop, scratch, a, bm, d, u, y)
         })
@@ -274,7 +283,7 @@ impl<B: Backend> Backend for Profiled<B> {
         du: &mut Self::Buf,
         dx: &mut Self::Buf,
     ) {
-        let flops = 2.0 * (d.m * d.r * (2 * d.n + 2 * d.k)) as f64;
+        let flops = lora_backward_flops(d, true);
         self.timed(key("lora_backward_dropout", lora_shape(d)), flops, |b| {
             b.lora_backward_dropout(
                 x, drop, scratch_x, scratch_dx, a, bm, u, dy, d, da, db, du, dx,

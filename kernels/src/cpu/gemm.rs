@@ -307,8 +307,10 @@ pub(crate) fn gemm(simd: Simd, g: &GemmCall<'_>, c: &mut [f32], skinny: SkinnyFn
     // blocks (more, smaller tasks balance better when another process takes a core).
     let blocks = kblocks * n.div_ceil(nc_max);
     if threads > 1 && chunks >= threads && (blocks > 2 || m <= 1024) {
+        // Chunk t's panels.
+        let chunk_panels = |t: usize| (t * all_panels / chunks, (t + 1) * all_panels / chunks);
         (0..chunks).into_par_iter().for_each(|t| {
-            let (p0, p1) = (t * all_panels / chunks, (t + 1) * all_panels / chunks);
+            let (p0, p1) = chunk_panels(t);
             let (j0, panels) = (p0 * nr, p1 - p0);
             let mut buf = AlignedBuf::new(kc_max * panels * nr);
             let mut pc = 0;
@@ -324,7 +326,7 @@ pub(crate) fn gemm(simd: Simd, g: &GemmCall<'_>, c: &mut [f32], skinny: SkinnyFn
                         w: (panels * nr).min(n - j0),
                     })
                 } else if t + 1 < chunks {
-                    let (q0, q1) = ((t + 1) * all_panels / chunks, (t + 2) * all_panels / chunks);
+                    let (q0, q1) = chunk_panels(t + 1);
                     Some(NextPiece {
                         p0: 0,
                         kc: kc_max.min(k),

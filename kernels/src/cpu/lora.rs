@@ -13,6 +13,7 @@ use rayon::prelude::*;
 
 use super::checks::{check_lora_backward, check_lora_forward};
 use super::gemm::{BSrc, GemmCall, Simd, widen};
+use super::reference_ops::dropout_scale;
 use super::sync_ptr::SyncPtr;
 use crate::backend::{DROPOUT_MUL, dropout_keep32, dropout_seed32};
 use crate::{LoraDims, LoraDropout};
@@ -40,16 +41,10 @@ struct Mask {
 
 impl Mask {
     fn new(drop: LoraDropout, ld: usize) -> Self {
-        assert!(
-            (0.0..=1.0).contains(&drop.p),
-            "LoRA dropout p = {} is not in [0, 1]",
-            drop.p
-        );
         Mask {
             seed: dropout_seed32(drop.seed),
             p: drop.p,
-            // the same f32 division as `dropout_forward`
-            scale: 1.0 / (1.0 - drop.p),
+            scale: dropout_scale("LoRA dropout", drop.p),
             row0: 0,
             ld,
         }

@@ -111,6 +111,12 @@ pub(crate) fn check_same_len(op: &str, a: (&str, usize), b: (&str, usize)) {
 /// inverted-dropout multiplier `1/(1-p)` (f32, as PyTorch's mask division computes it).
 pub(crate) fn check_dropout(op: &str, from: (&str, usize), to: (&str, usize), p: f32) -> f32 {
     check_same_len(op, from, to);
+    dropout_scale(op, p)
+}
+
+/// Checks a dropout rate is in [0, 1]; returns `1/(1-p)` in f32 (every dropout path scales
+/// kept values by exactly this).
+pub(crate) fn dropout_scale(op: &str, p: f32) -> f32 {
     assert!((0.0..=1.0).contains(&p), "{op}: p = {p} is not in [0, 1]");
     1.0 / (1.0 - p)
 }
